@@ -1,0 +1,117 @@
+"""Ed25519 signing keys: generate, save with owner-only permissions, load.
+
+A key file is JSON: ``{"type": "ed25519", "key_id": ..., "public": b64, "secret": b64}`` where
+``secret`` is the 32-byte seed.  ``key_id`` is ``"ed25519:"`` plus the first 16 hex digits of
+SHA-256 over the public key, so an auditor can recompute it from the public key alone.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import nacl.exceptions
+import nacl.signing
+from nacl.bindings import crypto_sign
+
+from ..kernel.errors import WakepointError
+
+
+class KeyFileError(WakepointError):
+    """A key file is missing, unreadable or not a wakepoint Ed25519 key."""
+
+
+def key_id_of(public: bytes) -> str:
+    """The key id of a raw 32-byte Ed25519 public key."""
+    return "ed25519:" + hashlib.sha256(public).hexdigest()[:16]
+
+
+class Signer:
+    """Holds one Ed25519 signing key and signs ledger records with it."""
+
+    __slots__ = ("_raw", "_signing_key", "key_id", "public")
+
+    def __init__(self, signing_key: nacl.signing.SigningKey) -> None:
+        self._signing_key = signing_key
+        # libsodium's 64-byte secret key: calling crypto_sign on it directly skips PyNaCl's
+        # wrapper objects on the hot path (one signature per committed transition).
+        self._raw: bytes = signing_key._signing_key
+        self.public: bytes = bytes(signing_key.verify_key)
+        self.key_id: str = key_id_of(self.public)
+
+    @classmethod
+    def generate(cls) -> Signer:
+        """A new random key."""
+        return cls(nacl.signing.SigningKey.generate())
+
+    @classmethod
+    def from_seed(cls, seed: bytes) -> Signer:
+        """A key from its 32-byte seed (deterministic; for tests and key files)."""
+        return cls(nacl.signing.SigningKey(seed))
+
+    @property
+    def verify_key(self) -> nacl.signing.VerifyKey:
+        """The public half, for verification."""
+        return self._signing_key.verify_key
+
+    def sign(self, message: bytes) -> bytes:
+        """The 64-byte Ed25519 signature of ``message``."""
+        return crypto_sign(message, self._raw)[:64]
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the key file, readable by its owner only; refuses to overwrite one."""
+        data = json.dumps(
+            {
+                "type": "ed25519",
+                "key_id": self.key_id,
+                "public": base64.b64encode(self.public).decode(),
+                "secret": base64.b64encode(bytes(self._signing_key)).decode(),
+            },
+            indent=2,
+        ).encode()
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, data + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Signer:
+        """Read a key file written by ``save``; ``KeyFileError`` says what is wrong."""
+        try:
+            doc = json.loads(Path(path).read_bytes())
+            if doc.get("type") != "ed25519":
+                raise KeyFileError(f"{path}: not an ed25519 key file (type={doc.get('type')!r})")
+            signer = cls.from_seed(base64.b64decode(doc["secret"], validate=True))
+        except KeyFileError:
+            raise
+        except FileNotFoundError:
+            raise KeyFileError(f"{path}: no such key file") from None
+        except (OSError, ValueError, KeyError, TypeError, nacl.exceptions.CryptoError) as exc:
+            raise KeyFileError(f"{path}: unreadable key file: {exc}") from None
+        if doc.get("key_id") != signer.key_id:
+            raise KeyFileError(
+                f"{path}: key_id {doc.get('key_id')!r} does not match the key ({signer.key_id})"
+            )
+        return signer
+
+    @classmethod
+    def load_or_create(cls, path: str | os.PathLike[str]) -> Signer:
+        """Load the key file at ``path``, generating it first if there is none."""
+        try:
+            return cls.load(path)
+        except KeyFileError:
+            if Path(path).exists():
+                raise
+        signer = cls.generate()
+        try:
+            signer.save(path)
+        except FileExistsError:  # another process created it first: use theirs
+            return cls.load(path)
+        return signer

@@ -1,0 +1,1 @@
+"""Alembic migration versions of the SQL store."""

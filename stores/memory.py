@@ -1,0 +1,138 @@
+"""The in-memory store: for tests, examples and pure speed.  Nothing survives the process.
+
+It keeps the same contract as the durable stores (atomic commits, optimistic seq check,
+leases), so that code tested against it behaves the same on JSONL or SQL.  One lock guards
+everything: the store is safe to share between threads of one process.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from datetime import datetime, timedelta
+
+from ..kernel.errors import ConflictError, RunExists, RunNotFound
+from ..kernel.types import RunState, Status
+from ..ledger.records import Record
+from .base import check_append, matches, needs_worker, no_hold
+
+
+class MemoryStore:
+    """A store in a dict.  ``log_id`` is random unless given."""
+
+    def __init__(self, log_id: str | None = None) -> None:
+        self.log_id = log_id or f"memory-{uuid.uuid4().hex}"
+        self._lock = threading.Lock()
+        self._states: dict[str, RunState] = {}
+        self._records: dict[str, list[Record]] = {}
+        self._waiting: dict[str, set[str]] = {}
+        self._leases: dict[str, tuple[str, datetime]] = {}
+
+    def __repr__(self) -> str:
+        return f"MemoryStore(runs={len(self._states)})"
+
+    def _index(self, old: RunState | None, new: RunState) -> None:
+        if old is not None and old.wait is not None:
+            self._waiting.get(old.wait.key, set()).discard(old.run_id)
+        if new.status is Status.WAITING and new.wait is not None:
+            self._waiting.setdefault(new.wait.key, set()).add(new.run_id)
+
+    def create(self, state: RunState, records: Sequence[Record]) -> None:
+        """Store a new run; ``RunExists`` if the id is taken."""
+        check_append(state.run_id, -1, state, records)
+        with self._lock:
+            if state.run_id in self._states:
+                raise RunExists(state.run_id)
+            self._states[state.run_id] = state
+            self._records[state.run_id] = list(records)
+            self._index(None, state)
+
+    def commit(
+        self, run_id: str, expected_seq: int, state: RunState, records: Sequence[Record]
+    ) -> None:
+        """Append records and replace the state if the run is at ``expected_seq``."""
+        check_append(run_id, expected_seq, state, records)
+        with self._lock:
+            old = self._states.get(run_id)
+            if old is None:
+                raise RunNotFound(run_id)
+            if old.seq != expected_seq:
+                raise ConflictError(run_id, expected_seq, old.seq)
+            self._states[run_id] = state
+            self._records[run_id].extend(records)
+            self._index(old, state)
+
+    def load(self, run_id: str) -> RunState:
+        """The run's last committed state."""
+        try:
+            return self._states[run_id]
+        except KeyError:
+            raise RunNotFound(run_id) from None
+
+    def list(
+        self,
+        *,
+        status: Status | None = None,
+        workflow: str | None = None,
+        wait_kind: str | None = None,
+        due_before: datetime | None = None,
+        parent: str | None = None,
+        limit: int | None = None,
+    ) -> list[RunState]:
+        """Runs matching every given filter, oldest first."""
+        with self._lock:
+            states = list(self._states.values())
+        found = [
+            s for s in states if matches(s, status, workflow, wait_kind, due_before, parent)
+        ]
+        found.sort(key=lambda s: (s.created_at, s.run_id))
+        return found if limit is None else found[:limit]
+
+    def find_waiting(self, key: str) -> list[RunState]:
+        """WAITING runs whose wait key is ``key``."""
+        with self._lock:
+            return [self._states[r] for r in sorted(self._waiting.get(key, ()))]
+
+    def ledger(self, run_id: str) -> list[Record]:
+        """The run's records in seq order."""
+        with self._lock:
+            try:
+                return list(self._records[run_id])
+            except KeyError:
+                raise RunNotFound(run_id) from None
+
+    def claim(
+        self, now: datetime, worker: str, lease: timedelta, limit: int
+    ) -> list[RunState]:
+        """Lease up to ``limit`` runs that need a worker now."""
+        claimed: list[RunState] = []
+        with self._lock:
+            for run_id, state in self._states.items():
+                if len(claimed) >= limit:
+                    break
+                held = self._leases.get(run_id)
+                if held is not None and held[0] != worker and held[1] > now:
+                    continue
+                if needs_worker(state, now):
+                    self._leases[run_id] = (worker, now + lease)
+                    claimed.append(state)
+        return claimed
+
+    def release(self, run_id: str, worker: str) -> None:
+        """Give back ``worker``'s lease on ``run_id``."""
+        with self._lock:
+            held = self._leases.get(run_id)
+            if held is not None and held[0] == worker:
+                del self._leases[run_id]
+
+    def hold(self, run_id: str) -> AbstractContextManager[None]:
+        """Nothing to prepare in memory."""
+        return no_hold()
+
+    def flush(self) -> None:
+        """Nothing to flush in memory."""
+
+    def close(self) -> None:
+        """Nothing to release in memory."""
