@@ -30,7 +30,7 @@ def _delta(value: float | timedelta | None) -> timedelta | None:
     return timedelta(seconds=value)
 
 
-def goto(node: str, set: dict[str, Any] | None = None) -> Goto:  # noqa: A002 - the design's name
+def goto(node: str, set: dict[str, Any] | None = None) -> Goto:
     """Continue at ``node``, first merging ``set`` into the run's vars."""
     return Goto(node=node, set=set)
 
@@ -95,7 +95,7 @@ def ask_user(
 
 def subworkflow(
     workflow: Any,
-    input: Any = None,  # noqa: A002 - the design's name
+    input: Any = None,
     *,
     into: str | None = None,
     then: str,

@@ -41,7 +41,7 @@ TABLE: Final[dict[tuple[Status, Input], frozenset[Status]]] = {
 }
 
 
-def check(run_id: str, status: Status, input: Input) -> frozenset[Status]:  # noqa: A002
+def check(run_id: str, status: Status, input: Input) -> frozenset[Status]:
     """Return the statuses ``input`` may lead to from ``status``, or raise why it may not."""
     try:
         return TABLE[(status, input)]
@@ -49,7 +49,7 @@ def check(run_id: str, status: Status, input: Input) -> frozenset[Status]:  # no
         raise _refusal(run_id, status, input) from None
 
 
-def _refusal(run_id: str, status: Status, input: Input) -> IllegalTransition:  # noqa: A002
+def _refusal(run_id: str, status: Status, input: Input) -> IllegalTransition:
     if status.finished:
         return RunFinished(run_id, status.value, input, "it has finished")
     if status is Status.WAITING:

@@ -1,4 +1,4 @@
-"""The pure transition functions: ``start``, ``tick``, ``resume``, ``reject``, ``timeout``, ``cancel``.
+"""The pure transitions: ``start``, ``tick``, ``resume``, ``reject``, ``timeout``, ``cancel``.
 
 Theory of operation.  Each function takes a run's state and one input and returns a
 ``Transition``: the new state, the effects the runtime must carry out, and one ledger entry.
@@ -68,7 +68,7 @@ _ENCODE_ERRORS = (TypeError, ValueError, OverflowError)
 def start(
     wf: Workflow,
     run_id: str,
-    input: Any,  # noqa: A002 - the design's name
+    input: Any,
     now: datetime,
     *,
     parent: ParentLink | None = None,
@@ -113,7 +113,8 @@ def tick(wf: Workflow, state: RunState, now: datetime) -> Transition:
         step=state.step,
     )
     try:
-        result = fn(view)
+        # Typed as object: a node is user code and may return anything.
+        result: object = fn(view)
     except Exception as exc:  # a node's exception is data: the run fails, the kernel does not
         return _failed(state, now, type(exc).__qualname__, str(exc))
     step = state.step + 1

@@ -72,7 +72,7 @@ class Retry(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("Retry.attempts must be at least 1")
         if not 0 <= self.jitter <= 1:
             raise ValueError("Retry.jitter must be between 0 and 1")
-        names = tuple(_qualified(e) for e in self.retry_on)  # type: ignore[arg-type]
+        names = tuple(_qualified(e) for e in self.retry_on)
         msgspec.structs.force_setattr(self, "retry_on", names)
 
     def delay(self, attempt: int, unit_random: float) -> float:

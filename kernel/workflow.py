@@ -50,8 +50,8 @@ class RunView:
         run_id: str,
         workflow: str,
         node: str,
-        input: Any,  # noqa: A002 - the design's name
-        vars: Mapping[str, Any],  # noqa: A002 - the design's name
+        input: Any,
+        vars: Mapping[str, Any],
         now: datetime,
         step: int,
     ) -> None:
@@ -104,7 +104,7 @@ class Workflow:
     ... def hello(run): return done(f"hello {run.input}")
     """
 
-    def __init__(self, id: str, version: str | None = None, *, max_steps: int = 10_000) -> None:  # noqa: A002
+    def __init__(self, id: str, version: str | None = None, *, max_steps: int = 10_000) -> None:
         if not id:
             raise WorkflowDefinitionError("a workflow needs a non-empty id")
         if max_steps < 1:
@@ -125,7 +125,7 @@ class Workflow:
     def node(self, fn: NodeFn, /) -> NodeFn: ...
     @overload
     def node(
-        self, *, start: bool = False, name: str | None = None
+        self, fn: None = None, /, *, start: bool = False, name: str | None = None
     ) -> Callable[[NodeFn], NodeFn]: ...
 
     def node(

@@ -26,6 +26,7 @@ flushed to disk every N commits or T milliseconds; the default), ``none`` (tests
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime, timedelta
@@ -73,21 +74,21 @@ class Store(Protocol):
         due_before: datetime | None = None,
         parent: str | None = None,
         limit: int | None = None,
-    ) -> list[RunState]:
+    ) -> builtins.list[RunState]:
         """Runs matching every given filter, oldest first."""
         ...
 
-    def find_waiting(self, key: str) -> list[RunState]:
+    def find_waiting(self, key: str) -> builtins.list[RunState]:
         """WAITING runs whose wait key is ``key``."""
         ...
 
-    def ledger(self, run_id: str) -> list[Record]:
+    def ledger(self, run_id: str) -> builtins.list[Record]:
         """The run's records in seq order."""
         ...
 
     def claim(
         self, now: datetime, worker: str, lease: timedelta, limit: int
-    ) -> list[RunState]:
+    ) -> builtins.list[RunState]:
         """Lease up to ``limit`` runs that need a worker now."""
         ...
 
@@ -133,6 +134,7 @@ def check_append(
 
 def matches(
     state: RunState,
+    *,
     status: Status | None,
     workflow: str | None,
     wait_kind: str | None,

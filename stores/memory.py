@@ -7,6 +7,7 @@ everything: the store is safe to share between threads of one process.
 
 from __future__ import annotations
 
+import builtins
 import threading
 import uuid
 from collections.abc import Sequence
@@ -80,22 +81,23 @@ class MemoryStore:
         due_before: datetime | None = None,
         parent: str | None = None,
         limit: int | None = None,
-    ) -> list[RunState]:
+    ) -> builtins.list[RunState]:
         """Runs matching every given filter, oldest first."""
         with self._lock:
             states = list(self._states.values())
         found = [
-            s for s in states if matches(s, status, workflow, wait_kind, due_before, parent)
+            s for s in states if matches(s, status=status, workflow=workflow, wait_kind=wait_kind,
+                          due_before=due_before, parent=parent)
         ]
         found.sort(key=lambda s: (s.created_at, s.run_id))
         return found if limit is None else found[:limit]
 
-    def find_waiting(self, key: str) -> list[RunState]:
+    def find_waiting(self, key: str) -> builtins.list[RunState]:
         """WAITING runs whose wait key is ``key``."""
         with self._lock:
             return [self._states[r] for r in sorted(self._waiting.get(key, ()))]
 
-    def ledger(self, run_id: str) -> list[Record]:
+    def ledger(self, run_id: str) -> builtins.list[Record]:
         """The run's records in seq order."""
         with self._lock:
             try:
@@ -105,9 +107,9 @@ class MemoryStore:
 
     def claim(
         self, now: datetime, worker: str, lease: timedelta, limit: int
-    ) -> list[RunState]:
+    ) -> builtins.list[RunState]:
         """Lease up to ``limit`` runs that need a worker now."""
-        claimed: list[RunState] = []
+        claimed: builtins.list[RunState] = []
         with self._lock:
             for run_id, state in self._states.items():
                 if len(claimed) >= limit:

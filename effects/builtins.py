@@ -1,0 +1,162 @@
+"""The built-in handlers: ``wait_event``, ``wait_until``, ``ask_user``, ``subworkflow``, ``call``.
+
+Choices made here (where the design is silent), after Temporal and DBOS:
+
+* ``wait_event`` does not buffer: an event sent while no run waits on its key reaches nobody
+  (like a webhook with no listener).  Runs that must not miss an event should start waiting
+  before the sender can fire.
+* ``call`` without a ``retry`` policy makes one attempt (DBOS's default for steps); a policy
+  retries only the exceptions it names (all ``Exception``s when it names none).  Backoff sleeps
+  happen in the handler, in-process.  ``timeout`` runs each attempt in a daemon thread and stops
+  waiting for it when the time is up (Python cannot kill a thread; the attempt is abandoned and
+  counts as a ``TimeoutError``).  A function that declares an ``idempotency_key`` parameter
+  receives ``run_id:step``, the same value on every attempt and after every crash.
+* A failure the policy does not retry, or the last one, becomes ``Failed`` with the exception's
+  type name and message.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from ..kernel.types import (
+    AskUser,
+    Call,
+    Effect,
+    ParentLink,
+    Retry,
+    RunState,
+    Status,
+    Subworkflow,
+    WaitEvent,
+    WaitUntil,
+)
+from .base import Failed, HandlerContext, Outcome, Parked, Resolved
+
+_SINGLE_ATTEMPT = Retry(attempts=1)
+
+
+class WaitEventHandler:
+    """Parks; ``Runtime.send_event`` resumes, the deadline times out."""
+
+    def handle(self, effect: Effect, run: RunState, ctx: HandlerContext) -> Outcome:
+        """Always park."""
+        assert isinstance(effect, WaitEvent)
+        return Parked()
+
+
+class WaitUntilHandler:
+    """Parks until the due time; a due time already past resolves at once."""
+
+    def handle(self, effect: Effect, run: RunState, ctx: HandlerContext) -> Outcome:
+        """Resolve when due, else park for the scheduler."""
+        assert isinstance(effect, WaitUntil) and effect.when is not None
+        return Resolved(None) if effect.when <= ctx.now() else Parked()
+
+
+class AskUserHandler:
+    """Parks with the prompt and choices; ``Runtime.respond`` answers."""
+
+    def handle(self, effect: Effect, run: RunState, ctx: HandlerContext) -> Outcome:
+        """Always park (the question is in the run's ``wait``)."""
+        assert isinstance(effect, AskUser)
+        return Parked()
+
+
+class SubworkflowHandler:
+    """Starts the child run; ``wait`` parks until it ends, ``detach`` resolves with its id."""
+
+    def handle(self, effect: Effect, run: RunState, ctx: HandlerContext) -> Outcome:
+        """Create the child (idempotent: its id is fixed by the parent's step)."""
+        assert isinstance(effect, Subworkflow) and effect.run_id is not None
+        assert run.wait is not None
+        child = ctx.start_child(
+            effect.workflow, effect.input, effect.run_id,
+            ParentLink(run_id=run.run_id, key=run.wait.key),
+        )
+        if effect.mode == "detach":
+            return Resolved(child.run_id)
+        # A re-dispatch after a crash may find the child already finished.
+        if child.status is Status.COMPLETED:
+            return Resolved(child.output)
+        if child.status.finished:
+            error = child.error
+            return Failed(
+                type=error.type if error else "ChildFailed",
+                message=error.message if error else f"child {child.run_id} {child.status}",
+            )
+        return Parked()
+
+
+class CallHandler:
+    """Runs a registered function with the effect's retry policy and timeout."""
+
+    def __init__(self) -> None:
+        self._wants_key: dict[int, bool] = {}
+
+    def _takes_key(self, fn: Callable[..., Any]) -> bool:
+        # Inspecting a signature costs microseconds; cache it per function object.
+        cached = self._wants_key.get(id(fn))
+        if cached is None:
+            try:
+                params = inspect.signature(fn).parameters
+            except (TypeError, ValueError):  # builtins without a signature
+                params = {}  # type: ignore[assignment]
+            cached = self._wants_key[id(fn)] = "idempotency_key" in params
+        return cached
+
+    def handle(self, effect: Effect, run: RunState, ctx: HandlerContext) -> Outcome:
+        """Call the function until it succeeds or the policy gives up."""
+        assert isinstance(effect, Call) and run.wait is not None
+        fn = ctx.functions.get(effect.name)
+        if fn is None:
+            return Failed(
+                type="UnknownFunction",
+                message=f"call names function {effect.name!r}, which is not registered",
+            )
+        args: list[Any] = effect.args if isinstance(effect.args, list) else []
+        kwargs: dict[str, Any] = dict(effect.args) if isinstance(effect.args, dict) else {}
+        if effect.args is not None and not isinstance(effect.args, list | dict):
+            args = [effect.args]
+        if self._takes_key(fn):
+            kwargs["idempotency_key"] = run.wait.key
+        policy = effect.retry or _SINGLE_ATTEMPT
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return Resolved(_attempt(fn, args, kwargs, effect.timeout))
+            except Exception as exc:  # the function's failure is data for the policy
+                if attempt >= policy.attempts or not policy.retries(exc):
+                    return Failed(
+                        type=type(exc).__qualname__,
+                        message=str(exc) or repr(exc),
+                        retryable=policy.retries(exc),
+                    )
+                ctx.sleep(policy.delay(attempt, ctx.random()))
+
+
+def _attempt(
+    fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any], timeout: float | None
+) -> Any:
+    if timeout is None:
+        return fn(*args, **kwargs)
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn(*args, **kwargs)
+        except BaseException as exc:  # handed to the waiting thread, which re-raises it
+            box["error"] = exc
+
+    worker = threading.Thread(target=target, name="wakepoint-call", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        raise TimeoutError(f"call did not finish within {timeout} s")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")

@@ -1,0 +1,503 @@
+"""``Runtime``: the only place where kernel, store, handlers, signer and clock meet.
+
+Commit protocol.  Every kernel transition becomes one atomic ``store.commit`` carrying the new
+state and its signed ledger record; an effect is handed to its handler only *after* the commit
+that records the request, and its result is applied by a further commit.  Consequences:
+
+* A crash at any point leaves the run at its last commit.  ``recover()`` continues RUNNING
+  runs, dispatches again the effects that were requested but never resolved, resumes parents
+  whose child finished, and fires due timers and deadlines.
+* Nodes and effect handlers may run more than once (at-least-once); a result, once committed,
+  is never recomputed because the run has moved past the node that asked for it.
+* A writer that loses a race gets ``ConflictError`` from the store; the runtime then stops
+  driving that run (the winner drives it) or, for an explicit ``resume``, reloads and retries.
+
+Driving.  ``start``, ``resume``, ``respond``, ``send_event`` and ``cancel`` return only when
+every run they touched (the run, children it started, parents it woke) has blocked or
+finished.  Work is a queue, not recursion, so deep parent/child chains cannot overflow.
+
+Defaults (what a user of the embedded mode gets with ``Runtime()``): a JSONL store and an
+Ed25519 key file under ``./.wakepoint/`` (created on first use), ``batch`` durability.
+
+Logging goes through structlog with ``run_id``, ``workflow``, ``node`` and ``step``; the runtime
+never configures structlog (the application does).  Per-transition events are at debug level.
+
+One ``Runtime`` may be shared by threads: public methods take one re-entrant lock.
+"""
+
+from __future__ import annotations
+
+import builtins
+import inspect
+import os
+import random
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from .effects.base import Failed, Handler, Parked, Resolved
+from .effects.registry import Registry
+from .kernel import transitions as kernel
+from .kernel.codec import value_digest
+from .kernel.errors import (
+    ConflictError,
+    IllegalTransition,
+    NotWaiting,
+    RunNotFound,
+    UnencodableValue,
+    UnknownWorkflow,
+    WrongWaitKey,
+)
+from .kernel.types import (
+    Effect,
+    ErrorInfo,
+    ParentLink,
+    RunState,
+    Status,
+    Transition,
+    effect_kind,
+)
+from .kernel.workflow import Workflow
+from .ledger.keys import Signer
+from .ledger.records import Record, sign_entries, verify_chain
+from .stores import open_store
+from .stores.base import Durability, Store
+
+DEFAULT_HOME = ".wakepoint"
+_KEY_FILE = "signer.key"
+
+
+def utc_now() -> datetime:
+    """The default clock: the current time in UTC."""
+    return datetime.now(UTC)
+
+
+class Runtime:
+    """Runs workflows durably on a store, signing every transition into the run's ledger.
+
+    ``store``: a ``Store`` or a store URL (``memory:``, ``jsonl:PATH``); None opens the
+    embedded default, ``jsonl:./.wakepoint`` (``home``).  ``signer``: a ``Signer`` or a key file
+    path; None loads or creates ``signer.key`` in a JSONL store's directory, and uses a fresh
+    key for other stores.  ``functions`` maps ``call`` names to callables; ``handlers`` adds
+    effect kinds or overrides built-ins.  ``clock``, ``sleep`` and ``rand`` are injectable for
+    tests.
+    """
+
+    def __init__(
+        self,
+        store: Store | str | None = None,
+        workflows: Iterable[Workflow] = (),
+        functions: Mapping[str, Callable[..., Any]] | None = None,
+        handlers: Mapping[str, Handler] | None = None,
+        signer: Signer | str | os.PathLike[str] | None = None,
+        clock: Callable[[], datetime] | None = None,
+        *,
+        home: str | os.PathLike[str] = DEFAULT_HOME,
+        durability: Durability = "batch",
+        sleep: Callable[[float], None] = time.sleep,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        if store is None:
+            store = f"jsonl:{home}"
+        if isinstance(store, str):
+            options: dict[str, Any] = {}
+            if store.startswith("jsonl:"):
+                options["durability"] = durability
+            store = open_store(store, **options)
+        self.store: Store = store
+        if signer is None:
+            signer = self._default_signer(store)
+        elif not isinstance(signer, Signer):
+            signer = Signer.load_or_create(signer)
+        self.signer: Signer = signer
+        self.clock: Callable[[], datetime] = clock or utc_now
+        self.handlers = Registry(handlers)
+        self._functions: dict[str, Callable[..., Any]] = dict(functions or {})
+        self._workflows: dict[str, Workflow] = {}
+        self._sleep = sleep
+        self._rand = rand
+        self._lock = threading.RLock()
+        self._log = structlog.get_logger("wakepoint")
+        for wf in workflows:
+            self.register(wf)
+
+    @staticmethod
+    def _default_signer(store: Store) -> Signer:
+        root = getattr(store, "path", None)
+        if root is not None:
+            return Signer.load_or_create(Path(root) / _KEY_FILE)
+        return Signer.generate()
+
+    def __repr__(self) -> str:
+        return f"Runtime(store={self.store!r}, workflows={sorted(self._workflows)!r})"
+
+    # --- registration ------------------------------------------------------------------------
+
+    def register(self, workflow: Workflow) -> None:
+        """Register (and validate) a workflow; its nodes' literal targets are checked here."""
+        sources: dict[str, str] = {}
+        for name, fn in workflow.nodes.items():
+            try:
+                sources[name] = inspect.getsource(fn)
+            except (OSError, TypeError):  # no source (REPL, C function): checked at run time
+                continue
+        workflow.validate(sources)
+        self._workflows[workflow.id] = workflow
+
+    def register_function(self, name: str, fn: Callable[..., Any]) -> None:
+        """Make ``fn`` callable by ``call(name, ...)``."""
+        self._functions[name] = fn
+
+    @property
+    def functions(self) -> Mapping[str, Callable[..., Any]]:
+        """The functions ``call`` can name."""
+        return self._functions
+
+    def workflow(self, workflow_id: str) -> Workflow:
+        """The registered workflow with this id; ``UnknownWorkflow`` otherwise."""
+        try:
+            return self._workflows[workflow_id]
+        except KeyError:
+            raise UnknownWorkflow(workflow_id) from None
+
+    # --- public operations -------------------------------------------------------------------
+
+    def start(
+        self,
+        workflow: Workflow | str,
+        input: Any = None,
+        run_id: str | None = None,
+    ) -> RunState:
+        """Start a run and drive it until it blocks or finishes; return its state."""
+        if isinstance(workflow, Workflow):
+            if self._workflows.get(workflow.id) is not workflow:
+                self.register(workflow)
+            wf = workflow
+        else:
+            wf = self.workflow(workflow)
+        with self._lock:
+            tr = kernel.start(wf, run_id or uuid.uuid4().hex, input, self.clock())
+            state = self._create(tr)
+            self._log.info(
+                "run.started", run_id=state.run_id, workflow=wf.id, node=state.node,
+                step=state.step,
+            )
+            return self._drive([state], state.run_id)
+
+    def resume(self, run_id: str, key: str, payload: Any = None) -> RunState:
+        """Deliver ``payload`` to a run waiting on ``key`` and drive it on.
+
+        Raises ``RunNotFound``, ``WrongWaitKey``, ``NotWaiting``, ``RunFinished``,
+        ``InvalidAnswer`` or ``UnencodableValue``; on any of them nothing is stored.
+        """
+        with self._lock:
+            state = self._apply(run_id, lambda s: kernel.resume(
+                self.workflow(s.workflow), s, key, payload, self.clock()))
+            return self._drive([state], run_id)
+
+    def respond(self, run_id: str, answer: Any) -> RunState:
+        """Answer the question a run asked with ``ask_user``; ``InvalidAnswer`` if not a choice."""
+        with self._lock:
+            state = self.store.load(run_id)
+            if state.status is not Status.WAITING or state.wait is None or (
+                state.wait.kind != "user"
+            ):
+                if state.status.finished:
+                    return self.resume(run_id, "", answer)  # raises RunFinished, as it should
+                raise NotWaiting(run_id, state.status.value, "respond",
+                                 "it is not waiting for an answer from a person")
+            return self.resume(run_id, state.wait.key, answer)
+
+    def send_event(self, key: str, payload: Any = None) -> builtins.list[RunState]:
+        """Resume every run waiting on event ``key`` with ``payload``; return their states."""
+        value_digest(payload, f"payload of event {key!r}")  # refuse before touching any run
+        resumed: builtins.list[RunState] = []
+        with self._lock:
+            for state in self.store.find_waiting(key):
+                if state.wait is None or state.wait.kind != "event":
+                    continue
+                try:
+                    resumed.append(self.resume(state.run_id, key, payload))
+                except (ConflictError, IllegalTransition, WrongWaitKey) as exc:
+                    # Another process resumed it first (or it moved on): not ours to deliver.
+                    self._log.debug("event.skipped", run_id=state.run_id, key=key,
+                                    reason=str(exc))
+        return resumed
+
+    def cancel(self, run_id: str, reason: str = "cancelled", *, cascade: bool = True) -> RunState:
+        """Cancel a run and (by default) every unfinished descendant; return its state."""
+        with self._lock:
+            state = self._apply(run_id, lambda s: kernel.cancel(s, reason, self.clock()))
+            self._log.info("run.cancelled", run_id=run_id, workflow=state.workflow,
+                           node=state.node, step=state.step)
+            queue: deque[RunState] = deque()
+            if cascade:
+                for child_id in state.children:
+                    try:
+                        child = self.store.load(child_id)
+                    except RunNotFound:
+                        continue  # requested but never created: nothing to cancel
+                    if not child.status.finished:
+                        self.cancel(child_id, f"parent {run_id} cancelled: {reason}")
+            self._finished(state, queue)
+            self._run_queue(queue)
+            return self.store.load(run_id)
+
+    def get(self, run_id: str) -> RunState:
+        """The run's current state; ``RunNotFound`` if there is none."""
+        return self.store.load(run_id)
+
+    def list(self, **filters: Any) -> builtins.list[RunState]:
+        """Runs matching the store's ``list`` filters (status, workflow, wait_kind, ...)."""
+        return self.store.list(**filters)
+
+    def ledger(self, run_id: str) -> builtins.list[Record]:
+        """The run's signed ledger records, in order."""
+        return self.store.ledger(run_id)
+
+    def verify(self, run_id: str) -> int:
+        """Verify the run's chain with this runtime's key; ``ChainError`` names the bad record."""
+        return verify_chain(self.store.ledger(run_id), self.signer)
+
+    def recover(self) -> builtins.list[RunState]:
+        """Continue everything a crash may have interrupted; return the states touched.
+
+        RUNNING runs are driven on; WAITING runs whose deadline passed time out (or fire);
+        effects requested but never resolved are dispatched again; parents whose child has
+        already finished are resumed.  Run it at process start, before other workers could be
+        handling the same runs (the worker's leases make that safe with several processes).
+        """
+        with self._lock:
+            now = self.clock()
+            queue: deque[RunState] = deque(self.store.list(status=Status.RUNNING))
+            touched = [s.run_id for s in queue]
+            for state in self.store.list(status=Status.WAITING):
+                wait = state.wait
+                assert wait is not None
+                if wait.deadline is not None and wait.deadline <= now:
+                    try:
+                        queue.append(self._commit(state, kernel.timeout(state, now)))
+                    except ConflictError:
+                        continue  # another process got there first
+                elif wait.kind == "effect" and wait.effect is not None:
+                    queue.append(self._dispatch(state, wait.effect, queue))
+                elif wait.kind == "child" and wait.effect is not None:
+                    self._recover_child(state, wait.effect, queue)
+                else:
+                    continue
+                touched.append(state.run_id)
+            self._run_queue(queue)
+            self._log.info("recovered", runs=len(touched))
+            return [self.store.load(r) for r in dict.fromkeys(touched)]
+
+    def wake_due(self, now: datetime | None = None) -> builtins.list[RunState]:
+        """Fire every timer and deadline that is due at ``now``; return the runs' new states."""
+        with self._lock:
+            now = now or self.clock()
+            queue: deque[RunState] = deque()
+            for state in self.store.list(status=Status.WAITING, due_before=now):
+                try:
+                    queue.append(self._commit(state, kernel.timeout(state, now)))
+                except ConflictError:
+                    continue  # another process woke it
+            woken = [s.run_id for s in queue]
+            self._run_queue(queue)
+            return [self.store.load(r) for r in woken]
+
+    def next_due(self) -> datetime | None:
+        """The earliest deadline of any waiting run (what an alarm clock should wait for)."""
+        deadlines = [
+            s.wait.deadline for s in self.store.list(status=Status.WAITING)
+            if s.wait is not None and s.wait.deadline is not None
+        ]
+        return min(deadlines, default=None)
+
+    def close(self) -> None:
+        """Flush and close the store."""
+        self.store.close()
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- the engine --------------------------------------------------------------------------
+
+    def _create(self, tr: Transition) -> RunState:
+        state, records = sign_entries(
+            self.signer, self.store.log_id, tr.state, tr.entries, tr.state.updated_at,
+            prev_seq=-1, prev_head="",
+        )
+        self.store.create(state, records)
+        return state
+
+    def _commit(self, old: RunState, tr: Transition) -> RunState:
+        state, records = sign_entries(
+            self.signer, self.store.log_id, tr.state, tr.entries, tr.state.updated_at,
+            prev_seq=old.seq, prev_head=old.head,
+        )
+        self.store.commit(old.run_id, old.seq, state, records)
+        return state
+
+    def _apply(self, run_id: str, make: Callable[[RunState], Transition]) -> RunState:
+        """Load, transition and commit, retrying on a lost race (the input is re-checked)."""
+        for _ in range(3):
+            state = self.store.load(run_id)
+            tr = make(state)
+            try:
+                return self._commit(state, tr)
+            except ConflictError:
+                continue
+        state = self.store.load(run_id)
+        return self._commit(state, make(state))
+
+    def _drive(self, initial: Iterable[RunState], result_id: str) -> RunState:
+        queue = deque(initial)
+        self._run_queue(queue)
+        return self.store.load(result_id)
+
+    def _run_queue(self, queue: deque[RunState]) -> None:
+        while queue:
+            self._advance(queue.popleft(), queue)
+
+    def _advance(self, state: RunState, queue: deque[RunState]) -> None:
+        """Drive one run until it blocks or finishes, queueing the runs it affects."""
+        if state.status is Status.WAITING:
+            return  # parked: whoever resolves the wait queues it again
+        wf = self.workflow(state.workflow)
+        debug = self._log.debug
+        try:
+            with self.store.hold(state.run_id):
+                while state.status is Status.RUNNING:
+                    tr = kernel.tick(wf, state, self.clock())
+                    state = self._commit(state, tr)
+                    debug("transition", run_id=state.run_id, workflow=state.workflow,
+                          node=state.node, step=state.step, kind=tr.entries[0].kind)
+                    if tr.effects:
+                        state = self._dispatch(state, tr.effects[0], queue)
+        except ConflictError:
+            # Another process committed to this run first; it is that process's to drive.
+            self._log.info("run.conflict", run_id=state.run_id, workflow=state.workflow,
+                           node=state.node, step=state.step)
+            return
+        if state.status.finished:
+            self._log.info(f"run.{state.status.value}", run_id=state.run_id,
+                           workflow=state.workflow, node=state.node, step=state.step)
+            self._finished(state, queue)
+
+    def _dispatch(self, state: RunState, effect: Effect, queue: deque[RunState]) -> RunState:
+        """Hand a committed effect request to its handler and apply the outcome."""
+        wait = state.wait
+        assert wait is not None
+        kind = effect_kind(effect)
+        context = _Context(self, queue)
+        try:
+            outcome = self.handlers[kind].handle(effect, state, context)
+        except Exception as exc:  # a handler bug or UnknownEffect: the effect failed
+            outcome = Failed(type=type(exc).__qualname__, message=str(exc))
+        if isinstance(outcome, Parked):
+            return state
+        now = self.clock()
+        if isinstance(outcome, Resolved):
+            try:
+                tr = kernel.resume(self.workflow(state.workflow), state, wait.key,
+                                   outcome.value, now)
+            except UnencodableValue as exc:
+                tr = kernel.reject(state, wait.key,
+                                   ErrorInfo(type="UnencodableValue", message=str(exc)), now)
+        else:
+            self._log.warning("effect.failed", run_id=state.run_id, workflow=state.workflow,
+                              node=state.node, step=state.step, effect=kind,
+                              error=outcome.message)
+            tr = kernel.reject(state, wait.key, outcome.error(), now)
+        return self._commit(state, tr)
+
+    def _finished(self, child: RunState, queue: deque[RunState]) -> None:
+        """A run ended: resume the parent that waits for it, if any."""
+        link = child.parent
+        if link is None:
+            return
+        try:
+            parent = self.store.load(link.run_id)
+        except RunNotFound:
+            return
+        wait = parent.wait
+        if parent.status is not Status.WAITING or wait is None or wait.kind != "child" or (
+            wait.key != child.run_id
+        ):
+            return  # detached child, or the parent moved on (cancelled, timed out)
+        now = self.clock()
+        if child.status is Status.COMPLETED:
+            tr = kernel.resume(self.workflow(parent.workflow), parent, wait.key, child.output,
+                               now)
+        else:
+            error = child.error or ErrorInfo(type="ChildFailed", message=child.status.value)
+            tr = kernel.reject(parent, wait.key, ErrorInfo(
+                type=error.type, message=f"child run {child.run_id} {child.status.value}: "
+                f"{error.message}"), now)
+        try:
+            queue.append(self._commit(parent, tr))
+        except ConflictError:
+            return  # another process resumed the parent
+
+    def _recover_child(self, parent: RunState, effect: Effect, queue: deque[RunState]) -> None:
+        assert parent.wait is not None
+        try:
+            child = self.store.load(parent.wait.key)
+        except RunNotFound:
+            queue.append(self._dispatch(parent, effect, queue))  # the child was never created
+            return
+        if child.status.finished:
+            self._finished(child, queue)
+        else:
+            queue.append(child)
+
+    def _start_child(
+        self, workflow: str, input: Any, run_id: str, parent: ParentLink,
+        queue: deque[RunState],
+    ) -> RunState:
+        try:
+            return self.store.load(run_id)
+        except RunNotFound:
+            pass
+        state = self._create(
+            kernel.start(self.workflow(workflow), run_id, input, self.clock(), parent=parent)
+        )
+        queue.append(state)
+        return state
+
+
+class _Context:
+    """The ``HandlerContext`` the runtime lends to handlers for one dispatch."""
+
+    __slots__ = ("_queue", "_rt")
+
+    def __init__(self, rt: Runtime, queue: deque[RunState]) -> None:
+        self._rt = rt
+        self._queue = queue
+
+    @property
+    def functions(self) -> Mapping[str, Callable[..., Any]]:
+        return self._rt.functions
+
+    def now(self) -> datetime:
+        return self._rt.clock()
+
+    def sleep(self, seconds: float) -> None:
+        self._rt._sleep(seconds)
+
+    def random(self) -> float:
+        return self._rt._rand()
+
+    def start_child(
+        self, workflow: str, input: Any, run_id: str, parent: ParentLink
+    ) -> RunState:
+        return self._rt._start_child(workflow, input, run_id, parent, self._queue)
