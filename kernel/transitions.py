@@ -29,7 +29,7 @@ from typing import Any
 
 import msgspec
 
-from .codec import _explain, digest, encode_state, value_digest
+from .codec import _explain, digest, encode, encode_state, value_digest
 from .errors import (
     InvalidAnswer,
     NotDue,
@@ -59,7 +59,7 @@ from .types import (
     WaitUntil,
     effect_kind,
 )
-from .workflow import RunView, Workflow
+from .workflow import Migration, RunView, Workflow
 
 _replace = msgspec.structs.replace
 _ENCODE_ERRORS = (TypeError, ValueError, OverflowError)
@@ -144,7 +144,10 @@ def tick(wf: Workflow, state: RunState, now: datetime) -> Transition:
 def resume(wf: Workflow, state: RunState, key: str, payload: Any, now: datetime) -> Transition:
     """Deliver ``payload`` to a WAITING run waiting on ``key``; it continues at ``wait.then``."""
     check(state.run_id, state.status, "resume")
-    state = _current_logic(wf, state)
+    # Refuse other logic without a migration, but do not migrate here: a migration maps the
+    # node a run continues at, and a waiting run continues at ``wait.then``, which the
+    # migration only sees at the next tick (as ``timeout`` and ``reject`` runs do).
+    _migration_for(wf, state)
     wait = _wait_on(state, key)
     if wait.kind == "user" and wait.choices is not None and payload not in wait.choices:
         raise InvalidAnswer(state.run_id, payload, wait.choices)
@@ -203,15 +206,23 @@ def cancel(state: RunState, reason: str, now: datetime) -> Transition:
 # --- helpers -------------------------------------------------------------------------------
 
 
-def _current_logic(wf: Workflow, state: RunState) -> RunState:
-    """The state under ``wf``'s current logic id, migrated if a migration is registered."""
+def _migration_for(wf: Workflow, state: RunState) -> Migration | None:
+    """The migration ``state`` needs under ``wf`` (None: none needed); raise if it has none."""
     if state.workflow != wf.id:
         raise UnknownWorkflow(state.workflow)
     if state.version == wf.logic_id:
-        return state
+        return None
     migrate = wf.migration_from(state.version)
     if migrate is None:
         raise VersionMismatch(state.run_id, wf.id, state.version, wf.logic_id)
+    return migrate
+
+
+def _current_logic(wf: Workflow, state: RunState) -> RunState:
+    """The state under ``wf``'s current logic id, migrated if a migration is registered."""
+    migrate = _migration_for(wf, state)
+    if migrate is None:
+        return state
     node, new_vars = migrate(state.node, dict(state.vars))
     return _replace(state, node=node, vars=new_vars, version=wf.logic_id)
 
@@ -346,9 +357,11 @@ def _emit(
 
 
 def _unencodable(state: RunState, node: str | None, exc: BaseException) -> UnencodableValue:
+    # Each var is tried on its own: trying it inside the state would blame the first var for
+    # a value elsewhere in the state (a ``fail``/``cancel`` reason that is not a string).
     for name, value in state.vars.items():
         try:
-            encode_state(_replace(state, vars={name: value}))
+            encode({name: value})
         except _ENCODE_ERRORS as inner:
             return UnencodableValue(
                 f"var {name!r} of run {state.run_id!r} (set at node {node!r})",

@@ -252,7 +252,8 @@ class RunState(msgspec.Struct, frozen=True, kw_only=True):
     """The workflow's logic id when the run was started (or last migrated)."""
     status: Status
     node: str | None
-    """The node to run next (RUNNING), to continue at (WAITING), or the last one run."""
+    """The node to run next (RUNNING), the node that opened the wait (WAITING; the run
+    continues at ``wait.then``, ``on_timeout`` or ``on_error``), or the last one run."""
     input: Any = None
     vars: dict[str, Any] = msgspec.field(default_factory=dict)
     wait: Wait | None = None

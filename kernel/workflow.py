@@ -32,7 +32,11 @@ from .errors import WorkflowDefinitionError
 from .types import Step
 
 Migration: TypeAlias = Callable[[str | None, dict[str, Any]], tuple[str | None, dict[str, Any]]]
-"""``(node, vars) -> (node, vars)``: maps a run of older logic onto the current nodes."""
+"""``(node, vars) -> (node, vars)``: maps a run of older logic onto the current nodes.
+
+Applied by ``tick``, to the node the run is about to run (a waiting run is migrated at the tick
+after it resumes, times out or is rejected).
+"""
 
 
 class RunView:
