@@ -53,26 +53,31 @@ def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+ENCODE_ERRORS = (TypeError, ValueError, OverflowError, RecursionError)
+"""What msgspec raises for a value it cannot encode (RecursionError: cyclic or too deep)."""
+
+
 def value_digest(value: Any, where: str) -> str:
     """Hex digest of a value's encoding; ``UnencodableValue`` naming ``where`` if it has none."""
     try:
         return hashlib.sha256(_encoder.encode(value)).hexdigest()
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise UnencodableValue(where, _explain(value, exc)) from None
+    except ENCODE_ERRORS as exc:
+        raise UnencodableValue(where, explain(value, exc)) from None
 
 
-def _explain(value: Any, exc: BaseException) -> str:
+def explain(value: Any, exc: BaseException) -> str:
     """Point at the first unencodable part of a dict or list, for a message a person can act on."""
+    if isinstance(exc, RecursionError):
+        # Descending into a cyclic value would recurse without end; say what it is instead.
+        return f"{type(value).__name__} value is cyclic or nested too deeply to encode"
+    parts: Any = ()
     if isinstance(value, dict):
-        for key, item in value.items():
-            try:
-                _encoder.encode(item)
-            except (TypeError, ValueError, OverflowError) as inner:
-                return f"key {key!r}: {_explain(item, inner)}"
+        parts = ((f"key {k!r}", v) for k, v in value.items())
     elif isinstance(value, list | tuple):
-        for index, item in enumerate(value):
-            try:
-                _encoder.encode(item)
-            except (TypeError, ValueError, OverflowError) as inner:
-                return f"item {index}: {_explain(item, inner)}"
+        parts = ((f"item {i}", v) for i, v in enumerate(value))
+    for label, item in parts:
+        try:
+            _encoder.encode(item)
+        except ENCODE_ERRORS as inner:
+            return f"{label}: {explain(item, inner)}"
     return f"{type(value).__name__} value: {exc}"

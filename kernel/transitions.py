@@ -29,7 +29,7 @@ from typing import Any
 
 import msgspec
 
-from .codec import _explain, digest, encode, encode_state, value_digest
+from .codec import ENCODE_ERRORS, digest, encode, encode_state, explain, value_digest
 from .errors import (
     InvalidAnswer,
     NotDue,
@@ -62,7 +62,6 @@ from .types import (
 from .workflow import Migration, RunView, Workflow
 
 _replace = msgspec.structs.replace
-_ENCODE_ERRORS = (TypeError, ValueError, OverflowError)
 
 
 def start(
@@ -127,10 +126,11 @@ def tick(wf: Workflow, state: RunState, now: datetime) -> Transition:
         assert new.status in allowed
         return _emit(new, "node.stepped", node, result.node)
     if isinstance(result, Done):
-        new = _replace(
-            state, status=Status.COMPLETED, output=result.output, step=step, updated_at=now
-        )
-        payload = value_digest(result.output, f"output of node {node!r} of run {state.run_id!r}")
+        output = result.output
+        if isinstance(output, MappingProxyType):  # ``done(run.vars)``: store a plain dict
+            output = dict(output)
+        new = _replace(state, status=Status.COMPLETED, output=output, step=step, updated_at=now)
+        payload = value_digest(output, f"output of node {node!r} of run {state.run_id!r}")
         return _emit(new, "run.completed", node, None, payload=payload)
     if isinstance(result, Fail):
         return _failed(state, now, "Fail", result.reason)
@@ -347,7 +347,7 @@ def _emit(
     """Seal a transition: digest the new state (proving it can be stored) and make the entry."""
     try:
         data = encode_state(new)
-    except _ENCODE_ERRORS as exc:
+    except ENCODE_ERRORS as exc:
         raise _unencodable(new, node, exc) from None
     entry = Entry(
         kind=kind, node=node, next=next_node, effect=effect, key=key, payload=payload,
@@ -362,10 +362,10 @@ def _unencodable(state: RunState, node: str | None, exc: BaseException) -> Unenc
     for name, value in state.vars.items():
         try:
             encode({name: value})
-        except _ENCODE_ERRORS as inner:
+        except ENCODE_ERRORS as inner:
             return UnencodableValue(
                 f"var {name!r} of run {state.run_id!r} (set at node {node!r})",
-                _explain(value, inner),
+                explain(value, inner),
             )
     return UnencodableValue(f"state of run {state.run_id!r}", str(exc))
 

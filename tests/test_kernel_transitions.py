@@ -11,7 +11,6 @@ import copy
 import hashlib
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from types import MappingProxyType
 from typing import Any
 
 import msgspec
@@ -760,11 +759,11 @@ def test_unencodable_value_outside_vars_is_not_blamed_on_a_var() -> None:
 
 
 def test_run_vars_view_is_encodable_as_output() -> None:
-    """A node may return the read-only ``run.vars`` view as its output."""
+    """A node may return the read-only ``run.vars`` view as its output; a dict is stored."""
     wf = _one(lambda run: done(run.vars))
     state = msgspec.structs.replace(_begun(wf), vars={"a": 1})
     t = _sealed(tick(wf, state, NOW))
-    assert isinstance(t.state.output, MappingProxyType)
+    assert type(t.state.output) is dict
     assert t.entries[0].payload == _sha(encode({"a": 1}))
     assert decode_state(encode_state(t.state)).output == {"a": 1}
 
@@ -897,3 +896,52 @@ def test_state_of_another_workflow_is_refused() -> None:
         resume(other, waiting, "r:3", "yes", NOW)
     assert info.value.workflow == "orders"
 
+
+
+def test_cyclic_value_is_unencodable_not_a_recursion_error() -> None:
+    """A cyclic payload raises ``UnencodableValue`` saying it is cyclic, and changes nothing."""
+    wf = Workflow("cyclic")
+
+    @wf.node(start=True)
+    def first(run: RunView) -> Step:
+        return done()
+
+    cyclic: list[object] = []
+    cyclic.append(cyclic)
+    with pytest.raises(UnencodableValue, match="cyclic or nested too deeply"):
+        start(wf, "r-cyclic", cyclic, NOW)
+
+
+def test_cyclic_var_is_named() -> None:
+    """A cyclic var set by ``goto`` is named in the error, and the input state is unchanged."""
+    wf = Workflow("cyclic-var")
+    cyclic: dict[str, object] = {}
+    cyclic["self"] = cyclic
+
+    @wf.node(start=True)
+    def first(run: RunView) -> Step:
+        return goto("second", set={"loop": cyclic})
+
+    @wf.node
+    def second(run: RunView) -> Step:
+        return done()
+
+    state = start(wf, "r-cyclic-var", None, NOW).state
+    with pytest.raises(UnencodableValue, match="var 'loop'"):
+        tick(wf, state, NOW)
+
+
+def test_done_with_run_vars_stores_a_plain_dict() -> None:
+    """``done(run.vars)`` stores the output as a plain dict, not the read-only view."""
+    wf = Workflow("vars-out")
+
+    @wf.node(start=True)
+    def first(run: RunView) -> Step:
+        return goto("second", set={"a": 1})
+
+    @wf.node
+    def second(run: RunView) -> Step:
+        return done(run.vars)
+
+    state = tick(wf, tick(wf, start(wf, "r-vars", None, NOW).state, NOW).state, NOW).state
+    assert type(state.output) is dict and state.output == {"a": 1}
