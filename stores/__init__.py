@@ -1,7 +1,7 @@
 """Stores: the protocol, the memory and JSONL stores, and ``open_store`` for URLs.
 
 URLs: ``memory:``, ``jsonl:PATH`` (a directory), and SQLAlchemy URLs (``sqlite:///PATH``,
-``postgresql+psycopg://...``) once the SQL store exists.
+``postgresql+psycopg://...``) for the SQL store.
 """
 
 from __future__ import annotations
@@ -23,9 +23,13 @@ def open_store(url: str, **options: Any) -> Store:
         from .jsonl import JsonlStore
 
         return JsonlStore(rest, **options)
+    if scheme.partition("+")[0] in ("sqlite", "postgresql", "postgres"):
+        from .sql import SqlStore
+
+        return SqlStore(url, **options)
     raise StoreError(
-        f"unsupported store URL {url!r}: use memory:, jsonl:PATH "
-        "(SQL URLs arrive with the SQL store)"
+        f"unsupported store URL {url!r}: use memory:, jsonl:PATH, sqlite:///PATH or "
+        "postgresql+psycopg://..."
     )
 
 

@@ -1,0 +1,528 @@
+"""The SQL store: SQLite and PostgreSQL from one code path (SQLAlchemy 2 Core, no ORM).
+
+Promises (the contract of ``stores.base``, checked by ``stores.conformance``):
+
+* ``commit`` is one transaction: ``UPDATE wp_runs ... WHERE run_id = :id AND seq =
+  :expected`` (the optimistic check: zero rows means another writer moved the run, or there
+  is no run), then the records.  All or nothing; the loser of a race gets ``ConflictError``
+  with the seq it lost to.  ``create`` is ``INSERT ... ON CONFLICT DO NOTHING``.
+* Every record gets a store-wide *global position*, dense from 1 and in commit order: the
+  transaction bumps the counter row of ``wp_meta`` (``UPDATE ... RETURNING``) just before it
+  inserts its records.  The row lock is held to the commit, so positions are handed out in
+  commit order, a rollback returns its numbers (no gaps, unlike a PostgreSQL sequence), and a
+  reader never sees position n+1 without n.  The cost - commits serialize on that row for
+  the time between the bump and the commit - is the point: checkpoints sign a prefix of
+  one global sequence.  (SQLite serializes writers anyway.)  The bump comes after the run's
+  row is locked, so the lock order is always run, then counter: no deadlocks.
+* Durability: see ``stores.sql_engine`` (SQLite ``synchronous`` per mode; PostgreSQL
+  ``synchronous_commit``).  ``flush`` makes every returned commit durable in any mode.
+* ``claim`` is one statement on both dialects: ``WITH picked AS (SELECT run_id ... LIMIT n
+  FOR UPDATE SKIP LOCKED) UPDATE wp_runs SET lease_... WHERE run_id IN picked RETURNING
+  state``.  PostgreSQL skips rows another claimer has locked; SQLite (which renders no
+  ``FOR UPDATE``) runs it inside ``BEGIN IMMEDIATE``, i.e. alone.  Claims are oldest first.
+* Opening checks the database before writing anything: an empty database, someone else's,
+  or one at a schema newer than the code is a ``StoreError`` that says what to do
+  (``upgrade=True`` runs the migrations for the first and for an older schema).
+
+Speed.  SQLAlchemy builds every statement (Core) and compiles it once per store for the
+dialect; the hot path then runs the compiled SQL on the DBAPI connection of the calling
+thread, kept open for the store's life (one per thread; SQLite's ``sqlite3`` and psycopg both
+cache prepared statements per connection).  Going through ``Connection.execute`` costs tens
+of microseconds per statement, more than SQLite needs for the whole commit.  Records are
+inserted with ``executemany``.  ``hold`` needs nothing: the seq check is the lock.
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, suppress
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import bindparam, literal_column, null, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import URL, Engine
+from sqlalchemy.sql import Executable
+
+from ..kernel.codec import decode_state, encode_state
+from ..kernel.errors import ConflictError, CorruptStore, RunExists, RunNotFound
+from ..kernel.types import RunState, Status
+from ..ledger.records import Record
+from .base import Durability, StoreError, check_append, no_hold
+from .sql_engine import inspect_database, make_engine, parse_url, require_current, show, sqlite_path
+from .sql_schema import WP_META, WP_RECORDS, WP_RUNS, to_us
+
+# Constants are rendered into the SQL (not bound) so that SQLite and PostgreSQL can match the
+# partial index ``status = 'waiting'`` when planning.
+_WAITING = literal_column(f"'{Status.WAITING.value}'")
+_RUNNING = literal_column(f"'{Status.RUNNING.value}'")
+_ONE = literal_column("1")
+_ZERO = literal_column("0")  # an explicit OFFSET 0: SQLite's compiler would bind one
+
+_fork_generation = 0
+_inherited: list[Any] = []
+"""Connections a forked child inherited: kept referenced, never used or closed by it."""
+
+
+def _after_fork() -> None:
+    # A child must not use (or close) the connections it inherited: they are the parent's.
+    global _fork_generation  # noqa: PLW0603 - one counter for the whole process, on purpose
+    _fork_generation += 1
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+class _Statements:
+    """Every statement of the store, compiled once for one dialect.
+
+    Each is a SQL string with named parameters (``:name`` on SQLite, ``%(name)s`` on
+    psycopg), run with a dict of ``b_``-prefixed values.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._dialect = engine.dialect
+        r, rec, meta = WP_RUNS.c, WP_RECORDS.c, WP_META.c
+        b = bindparam
+        insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+        self.load = self._sql(select(r.state).where(r.run_id == b("b_run_id")))
+        self.seq = self._sql(select(r.seq).where(r.run_id == b("b_run_id")))
+        self.create = self._sql(
+            insert(WP_RUNS)
+            .values(
+                run_id=b("b_run_id"), state=b("b_state"), status=b("b_status"),
+                workflow=b("b_workflow"), logic_id=b("b_logic_id"), seq=b("b_seq"),
+                wait_kind=b("b_wait_kind"), wait_key=b("b_wait_key"), due=b("b_due"),
+                parent=b("b_parent"), created_at=b("b_created_at"),
+                updated_at=b("b_updated_at"),
+            )
+            .on_conflict_do_nothing(index_elements=[r.run_id])
+        )
+        self.update = self._sql(
+            update(WP_RUNS)
+            .where(r.run_id == b("b_run_id"), r.seq == b("b_expected"))
+            .values(
+                state=b("b_state"), status=b("b_status"), logic_id=b("b_logic_id"),
+                seq=b("b_seq"), wait_kind=b("b_wait_kind"), wait_key=b("b_wait_key"),
+                due=b("b_due"), updated_at=b("b_updated_at"),
+            )
+        )
+        self.bump = self._sql(
+            update(WP_META)
+            .where(meta.id == _ONE)
+            .values(last_position=meta.last_position + b("b_count"))
+            .returning(meta.last_position)
+        )
+        self.append = self._sql(
+            WP_RECORDS.insert().values(
+                position=b("b_position"), run_id=b("b_run_id"), seq=b("b_seq"),
+                key_id=b("b_key_id"), body=b("b_body"), sig=b("b_sig"),
+                record_hash=b("b_hash"),
+            )
+        )
+        self.ledger = self._sql(
+            select(rec.seq, rec.key_id, rec.body, rec.sig, rec.record_hash)
+            .where(rec.run_id == b("b_run_id"))
+            .order_by(rec.seq)
+        )
+        self.exists = self._sql(select(_ONE).where(r.run_id == b("b_run_id")))
+        self.find_waiting = self._sql(
+            select(r.state)
+            .where(r.status == _WAITING, r.wait_key == b("b_key"))
+            .order_by(r.run_id)
+        )
+        self.release = self._sql(
+            update(WP_RUNS)
+            .where(r.run_id == b("b_run_id"), r.lease_owner == b("b_worker"))
+            .values(lease_owner=null(), lease_expires=null())
+        )
+        picked = (
+            select(r.run_id)
+            .where(
+                (r.status == _RUNNING) | ((r.status == _WAITING) & (r.due <= b("b_now"))),
+                r.lease_owner.is_(None) | (r.lease_expires <= b("b_now"))
+                | (r.lease_owner == b("b_worker")),
+            )
+            .order_by(r.created_at, r.run_id)
+            .limit(b("b_limit"))
+            .offset(_ZERO)
+            .with_for_update(skip_locked=True)
+            .cte("picked")
+            .prefix_with("MATERIALIZED", dialect="postgresql")
+        )
+        self.claim = self._sql(
+            update(WP_RUNS)
+            .where(r.run_id.in_(select(picked.c.run_id)))
+            .values(lease_owner=b("b_worker"), lease_expires=b("b_expires"))
+            .returning(r.state)
+        )
+        self.last_position = self._sql(select(meta.log_id, meta.last_position))
+        self._lists: dict[tuple[bool, ...], str] = {}
+
+    def _sql(self, statement: Executable) -> str:
+        return str(statement.compile(dialect=self._dialect))
+
+    def listing(
+        self, status: bool, workflow: bool, wait_kind: bool, due: bool, parent: bool,
+        limit: bool,
+    ) -> str:
+        """The ``list`` query for one combination of filters (compiled on first use)."""
+        key = (status, workflow, wait_kind, due, parent, limit)
+        sql = self._lists.get(key)
+        if sql is None:
+            r = WP_RUNS.c
+            query = select(r.state).order_by(r.created_at, r.run_id)
+            if status:
+                query = query.where(r.status == bindparam("b_status"))
+            if workflow:
+                query = query.where(r.workflow == bindparam("b_workflow"))
+            if wait_kind:
+                query = query.where(r.wait_kind == bindparam("b_wait_kind"))
+            if due:
+                query = query.where(r.due <= bindparam("b_due"))
+            if parent:
+                query = query.where(r.parent == bindparam("b_parent"))
+            if limit:
+                query = query.limit(bindparam("b_limit")).offset(_ZERO)
+            sql = self._lists[key] = self._sql(query)
+        return sql
+
+
+def _columns(state: RunState) -> dict[str, Any]:
+    """The indexed copies of ``state`` that a commit writes next to its bytes."""
+    wait = state.wait
+    if wait is None:
+        kind = key = due = None
+    else:
+        kind, key = wait.kind, wait.key
+        due = None if wait.deadline is None else to_us(wait.deadline)
+    return {
+        "b_state": encode_state(state), "b_status": state.status.value,
+        "b_logic_id": state.version, "b_seq": state.seq, "b_wait_kind": kind,
+        "b_wait_key": key, "b_due": due, "b_updated_at": to_us(state.updated_at),
+    }
+
+
+class SqlStore:
+    """A store in a SQL database named by a SQLAlchemy URL (SQLite file or PostgreSQL).
+
+    ``durability``: ``sync``, ``batch`` (default) or ``none`` (see ``stores.sql_engine``).
+    ``upgrade``: create or upgrade the schema on open (as ``wakepoint db upgrade URL`` does);
+    without it an empty or older database is a ``StoreError`` saying to run that command.
+    The store may be shared by the threads of one process (each uses its own connection);
+    any number of processes may open the same database.
+    """
+
+    def __init__(
+        self, url: str | URL, *, durability: Durability = "batch", upgrade: bool = False
+    ) -> None:
+        self.url = parse_url(url)
+        self.durability: Durability = durability
+        self._shown = show(self.url)
+        self._backend = self.url.get_backend_name()
+        path = sqlite_path(self.url)
+        if path is not None and not upgrade and not path.exists():
+            raise StoreError(
+                f"{self._shown}: there is no database file at {path}; create it with "
+                f"`wakepoint db upgrade {self._shown}` (or open the store with upgrade=True)"
+            )
+        self._engine = make_engine(self.url, durability)
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._connections: list[Any] = []
+        self._generation = _fork_generation
+        self._closed = False
+        self._dbapi: Any = self._engine.dialect.loaded_dbapi
+        try:
+            self.log_id = self._open(upgrade)
+            self._sql = _Statements(self._engine)
+        except BaseException:
+            self._close_connections()
+            self._engine.dispose()
+            raise
+
+    def _open(self, upgrade: bool) -> str:
+        if upgrade:
+            from ..migrations import upgrade as run_upgrade
+
+            run_upgrade(self._engine)
+        conn = self._conn()
+        require_current(inspect_database(conn, self._backend), self._shown)
+        cursor = conn.cursor()
+        try:
+            if self._backend == "sqlite":
+                cursor.execute("PRAGMA journal_mode")
+                if str(cursor.fetchone()[0]).lower() != "wal":
+                    cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute(f"SELECT log_id FROM {WP_META.name} WHERE id = 1")
+            row = cursor.fetchone()
+        finally:
+            cursor.close()
+        if row is None:
+            raise CorruptStore(f"{self._shown} {WP_META.name}", None,
+                               "the table has no row: the database is damaged")
+        return str(row[0])
+
+    def __repr__(self) -> str:
+        return f"SqlStore({self._shown!r}, durability={self.durability!r})"
+
+    # --- connections ---------------------------------------------------------------------------
+
+    def _conn(self) -> Any:
+        """This thread's DBAPI connection (in autocommit mode; transactions are explicit)."""
+        local = self._local
+        conn = getattr(local, "conn", None)
+        if conn is not None and self._generation == _fork_generation:
+            return conn
+        if self._closed:
+            raise StoreError(f"{self!r} is closed")
+        if self._generation != _fork_generation:  # forked: forget the parent's connections
+            self._generation = _fork_generation
+            self._local = local = threading.local()
+            _inherited.extend(self._connections)
+            self._connections = []
+        proxy = self._engine.raw_connection()
+        conn = proxy.driver_connection
+        if self._backend == "postgresql":
+            conn.autocommit = True  # type: ignore[union-attr]
+        local.conn = conn
+        with self._lock:
+            self._connections.append(proxy)
+        return conn
+
+    def _discard(self) -> None:
+        """Drop this thread's connection after a driver error; the next call reconnects."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            return
+        self._local.conn = None
+        with suppress(Exception):  # it is broken already; we only free it
+            conn.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Any]:
+        """A write transaction on this thread's connection; yields a cursor."""
+        conn = self._conn()
+        cursor = conn.cursor()
+        begin = "BEGIN IMMEDIATE" if self._backend == "sqlite" else "BEGIN"
+        try:
+            cursor.execute(begin)
+        except self._dbapi.Error:
+            self._discard()
+            raise
+        try:
+            yield cursor
+        except BaseException as exc:
+            try:
+                cursor.execute("ROLLBACK")
+            except Exception:
+                self._discard()
+            else:
+                if isinstance(exc, self._dbapi.OperationalError | self._dbapi.InterfaceError):
+                    self._discard()
+            raise
+        else:
+            try:
+                cursor.execute("COMMIT")
+            except self._dbapi.Error:
+                # The outcome is unknown (the connection may have died mid-commit); a retry
+                # reloads and finds out through the seq check.
+                self._discard()
+                raise
+        finally:
+            cursor.close()
+
+    def _query(self, sql: str, params: Mapping[str, Any]) -> builtins.list[Any]:
+        """Rows of one read statement (its own implicit transaction)."""
+        cursor = self._conn().cursor()
+        try:
+            cursor.execute(sql, params)
+            return cursor.fetchall()  # type: ignore[no-any-return]
+        except (self._dbapi.OperationalError, self._dbapi.InterfaceError):
+            self._discard()
+            raise
+        finally:
+            cursor.close()
+
+    # --- writes --------------------------------------------------------------------------------
+
+    def _append(self, cursor: Any, records: Sequence[Record]) -> None:
+        """Insert ``records`` at the next global positions (inside the caller's transaction)."""
+        if not records:
+            return
+        cursor.execute(self._sql.bump, {"b_count": len(records)})
+        first = cursor.fetchone()[0] - len(records) + 1
+        rows = [
+            {"b_position": first + i, "b_run_id": rec.run_id, "b_seq": rec.seq,
+             "b_key_id": rec.key_id, "b_body": rec.body, "b_sig": rec.sig, "b_hash": rec.hash}
+            for i, rec in enumerate(records)
+        ]
+        if len(rows) == 1:
+            cursor.execute(self._sql.append, rows[0])
+        else:
+            cursor.executemany(self._sql.append, rows)
+
+    def create(self, state: RunState, records: Sequence[Record]) -> None:
+        """Store a new run with its first records; ``RunExists`` if the id is taken."""
+        check_append(state.run_id, -1, state, records)
+        params = _columns(state)
+        params["b_run_id"] = state.run_id
+        params["b_workflow"] = state.workflow
+        params["b_parent"] = None if state.parent is None else state.parent.run_id
+        params["b_created_at"] = to_us(state.created_at)
+        with self._transaction() as cursor:
+            cursor.execute(self._sql.create, params)
+            if cursor.rowcount != 1:
+                raise RunExists(state.run_id)
+            self._append(cursor, records)
+
+    def commit(
+        self, run_id: str, expected_seq: int, state: RunState, records: Sequence[Record]
+    ) -> None:
+        """Append records and replace the state if the run is at ``expected_seq``."""
+        check_append(run_id, expected_seq, state, records)
+        params = _columns(state)
+        params["b_run_id"] = run_id
+        params["b_expected"] = expected_seq
+        with self._transaction() as cursor:
+            cursor.execute(self._sql.update, params)
+            if cursor.rowcount != 1:
+                cursor.execute(self._sql.seq, {"b_run_id": run_id})
+                row = cursor.fetchone()
+                if row is None:
+                    raise RunNotFound(run_id)
+                raise ConflictError(run_id, expected_seq, int(row[0]))
+            self._append(cursor, records)
+
+    # --- reads ---------------------------------------------------------------------------------
+
+    def load(self, run_id: str) -> RunState:
+        """The run's last committed state."""
+        rows = self._query(self._sql.load, {"b_run_id": run_id})
+        if not rows:
+            raise RunNotFound(run_id)
+        return decode_state(rows[0][0])
+
+    def list(
+        self,
+        *,
+        status: Status | None = None,
+        workflow: str | None = None,
+        wait_kind: str | None = None,
+        due_before: datetime | None = None,
+        parent: str | None = None,
+        limit: int | None = None,
+    ) -> builtins.list[RunState]:
+        """Runs matching every given filter, oldest first (``created_at``, then run id)."""
+        params: dict[str, Any] = {}
+        if status is not None:
+            params["b_status"] = Status(status).value
+        if workflow is not None:
+            params["b_workflow"] = workflow
+        if wait_kind is not None:
+            params["b_wait_kind"] = wait_kind
+        if due_before is not None:
+            params["b_due"] = to_us(due_before)
+        if parent is not None:
+            params["b_parent"] = parent
+        if limit is not None:
+            params["b_limit"] = max(limit, 0)
+        sql = self._sql.listing(status is not None, workflow is not None, wait_kind is not None,
+                                due_before is not None, parent is not None, limit is not None)
+        return [decode_state(row[0]) for row in self._query(sql, params)]
+
+    def find_waiting(self, key: str) -> builtins.list[RunState]:
+        """WAITING runs whose wait key is ``key``, by run id."""
+        return [decode_state(row[0]) for row in self._query(self._sql.find_waiting,
+                                                            {"b_key": key})]
+
+    def ledger(self, run_id: str) -> builtins.list[Record]:
+        """The run's records in seq order (the stored bytes, not re-encoded)."""
+        rows = self._query(self._sql.ledger, {"b_run_id": run_id})
+        if not rows and not self._query(self._sql.exists, {"b_run_id": run_id}):
+            raise RunNotFound(run_id)
+        return [
+            Record(run_id=run_id, seq=int(seq), key_id=key_id, body=bytes(body),
+                   sig=bytes(sig), hash=record_hash)
+            for seq, key_id, body, sig, record_hash in rows
+        ]
+
+    def last_position(self) -> int:
+        """The global position of the last committed record (0: none yet)."""
+        return int(self._query(self._sql.last_position, {})[0][1])
+
+    # --- leases --------------------------------------------------------------------------------
+
+    def claim(
+        self, now: datetime, worker: str, lease: timedelta, limit: int
+    ) -> builtins.list[RunState]:
+        """Lease up to ``limit`` runs that need a worker now (RUNNING, or WAITING past their
+        deadline) and that no other worker holds an unexpired lease on; oldest first."""
+        if limit <= 0:
+            return []
+        params = {"b_now": to_us(now), "b_worker": worker, "b_limit": limit,
+                  "b_expires": to_us(now + lease)}
+        with self._transaction() as cursor:
+            cursor.execute(self._sql.claim, params)
+            states = [decode_state(row[0]) for row in cursor.fetchall()]
+        states.sort(key=lambda s: (s.created_at, s.run_id))
+        return states
+
+    def release(self, run_id: str, worker: str) -> None:
+        """Give back ``worker``'s lease on ``run_id`` (nothing if it holds none)."""
+        with self._transaction() as cursor:
+            cursor.execute(self._sql.release, {"b_run_id": run_id, "b_worker": worker})
+
+    def hold(self, run_id: str) -> AbstractContextManager[None]:
+        """Nothing to prepare: the seq check in ``commit`` is the only lock a run needs."""
+        return no_hold()
+
+    # --- durability and shutdown ---------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Make every commit that returned durable now, whatever the durability mode.
+
+        SQLite: fsync the WAL file (every returned commit has been written to it; the database
+        file is fsynced by each checkpoint).  PostgreSQL: commit a transaction that has a
+        transaction id with ``synchronous_commit = on``; it returns once the WAL is flushed up
+        to its commit record, which lies after every earlier commit's.
+        """
+        if self._closed:
+            return
+        if self._backend == "sqlite":
+            path = sqlite_path(self.url)
+            assert path is not None
+            try:
+                fd = os.open(f"{path}-wal", os.O_RDONLY)
+            except FileNotFoundError:
+                return  # no WAL: everything is in the (checkpointed, fsynced) database file
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            return
+        with self._transaction() as cursor:
+            cursor.execute("SET LOCAL synchronous_commit TO on")
+            cursor.execute("SELECT txid_current()")
+
+    def close(self) -> None:
+        """Flush, then close every thread's connection; the store is unusable afterwards."""
+        if self._closed:
+            return
+        try:
+            self.flush()
+        finally:
+            self._closed = True
+            self._close_connections()
+            self._engine.dispose()
+
+    def _close_connections(self) -> None:
+        with self._lock:
+            proxies, self._connections = self._connections, []
+        for proxy in proxies:
+            with suppress(Exception):  # a broken connection: nothing to save
+                proxy.close()
+        self._local = threading.local()

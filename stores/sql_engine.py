@@ -1,0 +1,233 @@
+"""Opening a SQL database for the store: URLs, drivers, engine settings, and what is there.
+
+Promises:
+
+* Only SQLite (the standard ``sqlite3`` driver) and PostgreSQL through psycopg 3 are
+  accepted; any other URL, a URL whose driver is not installed, or an in-memory SQLite
+  database is a ``StoreError`` that says what to do, raised before anything is connected.
+* ``inspect_database`` reads, never writes: it is what lets ``SqlStore`` refuse an empty
+  database, someone else's database, or one at a schema newer than this code, with nothing
+  written.  (This is also why WAL mode is switched on by the migrations and by an open that
+  passed the checks, never by the connection hook: ``PRAGMA journal_mode=WAL`` writes.)
+
+Engine settings per durability mode (``connection hook`` below, one per new DBAPI connection):
+
+* SQLite: the driver's implicit transactions are turned off (``isolation_level=None``) and
+  every write transaction is an explicit ``BEGIN IMMEDIATE``: the write lock is taken up
+  front, so a transaction never fails half-way on a lock upgrade (which ``busy_timeout``
+  cannot wait out in WAL mode).  ``busy_timeout`` makes writers queue.
+  ``synchronous=FULL`` for ``sync`` (the WAL is fsynced at every commit), ``NORMAL`` for
+  ``batch`` and ``OFF`` for ``none``.  In WAL mode NORMAL means: a commit is written to the
+  WAL (so it survives a crash of the *process* at once) but fsynced only at the next
+  checkpoint (every ~1000 pages by default), so power loss can take back the commits since
+  the last checkpoint - SQLite's own group commit, which is what ``batch`` means here.
+* PostgreSQL: ``synchronous_commit=off`` for ``batch`` and ``none`` - a commit returns before
+  its WAL record is flushed, and the WAL writer flushes every ``wal_writer_delay`` (200 ms by
+  default) for all sessions at once: group commit by the server, and a server crash can lose
+  at most that window, never corrupt or reorder it.  ``on`` for ``sync``.
+* ``NullPool``: the store keeps one connection per thread itself (``stores.sql``), so a pool
+  would only add a layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+from sqlalchemy.pool import NullPool
+
+from .base import DURABILITIES, Durability, StoreError
+from .sql_schema import REVISIONS, VERSION_TABLE
+
+BUSY_TIMEOUT_MS = 30_000
+"""How long a SQLite writer waits for the write lock before ``database is locked``."""
+
+_EXTRAS = {"psycopg": "pip install 'wakepoint[postgres]'"}
+
+
+def parse_url(url: str | URL) -> URL:
+    """Parse and check a store URL; ``StoreError`` for anything the SQL store cannot use."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise StoreError(f"not a SQLAlchemy URL: {url!r} ({exc})") from None
+    backend, driver = parsed.get_backend_name(), parsed.get_driver_name()
+    shown = show(parsed)
+    if backend == "sqlite":
+        if driver != "pysqlite":
+            raise StoreError(f"{shown}: use the standard driver, sqlite:///PATH")
+        if not parsed.database or parsed.database == ":memory:" or (
+            parsed.query.get("mode") == "memory"
+        ):
+            raise StoreError(
+                f"{shown}: an in-memory SQLite database lives in one connection; use a file "
+                "(sqlite:///PATH) or the memory: store"
+            )
+    elif backend == "postgresql":
+        if driver != "psycopg":
+            raise StoreError(
+                f"{shown}: wakepoint talks to PostgreSQL through psycopg 3: use a "
+                "postgresql+psycopg://... URL (and pip install 'wakepoint[postgres]')"
+            )
+    else:
+        raise StoreError(
+            f"{shown}: the SQL store supports SQLite (sqlite:///PATH) and PostgreSQL "
+            f"(postgresql+psycopg://...), not {backend}"
+        )
+    return parsed
+
+
+def show(url: URL) -> str:
+    """The URL for messages, password hidden."""
+    return url.render_as_string(hide_password=True)
+
+
+def sqlite_path(url: URL) -> Path | None:
+    """The database file of a SQLite URL (None for other dialects)."""
+    if url.get_backend_name() != "sqlite" or not url.database:
+        return None
+    database = url.database
+    if database.startswith("file:"):  # a URI filename (?uri=true)
+        database = database[5:].partition("?")[0]
+    return Path(database)
+
+
+def make_engine(url: URL, durability: Durability) -> Engine:
+    """An engine for ``url`` with the settings of ``durability`` (see the module header)."""
+    if durability not in DURABILITIES:
+        raise StoreError(f"durability must be one of {DURABILITIES}, not {durability!r}")
+    backend = url.get_backend_name()
+    options: dict[str, Any] = {}
+    if backend == "sqlite":
+        # The store closes every thread's connection from the thread that calls close();
+        # named parameters so that compiled statements take dicts on both dialects.
+        options = {"connect_args": {"check_same_thread": False}, "paramstyle": "named"}
+    try:
+        engine = create_engine(url, poolclass=NullPool, **options)
+    except (ImportError, NoSuchModuleError) as exc:
+        driver = url.get_driver_name()
+        hint = _EXTRAS.get(driver, f"pip install {driver}")
+        raise StoreError(
+            f"{show(url)}: the {driver} driver is not installed ({exc}); {hint}"
+        ) from None
+    hook = _sqlite_hook(durability) if backend == "sqlite" else _postgres_hook(durability)
+    event.listen(engine, "connect", hook)
+    if backend == "sqlite":
+        event.listen(engine, "begin", _sqlite_begin)
+    return engine
+
+
+def _sqlite_hook(durability: Durability) -> Callable[[Any, Any], None]:
+    synchronous = {"sync": "FULL", "batch": "NORMAL", "none": "OFF"}[durability]
+
+    def connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # we issue BEGIN IMMEDIATE / COMMIT ourselves
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        cursor.execute(f"PRAGMA synchronous = {synchronous}")
+        cursor.close()
+
+    return connect
+
+
+def _sqlite_begin(connection: Any) -> None:
+    # SQLAlchemy Connections on SQLite (the migrations) get real, lock-first transactions
+    # too, so that DDL is transactional (SQLAlchemy's documented pysqlite recipe).
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _postgres_hook(durability: Durability) -> Callable[[Any, Any], None]:
+    setting = "on" if durability == "sync" else "off"
+
+    def connect(dbapi_connection: Any, _record: Any) -> None:
+        autocommit = dbapi_connection.autocommit
+        dbapi_connection.autocommit = True
+        dbapi_connection.execute(f"SET synchronous_commit TO {setting}")
+        dbapi_connection.autocommit = autocommit
+
+    return connect
+
+
+# --- what is in the database ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DatabaseState:
+    """What ``inspect_database`` found: the tables of the current schema and our revision."""
+
+    tables: frozenset[str]
+    revision: str | None
+
+    @property
+    def empty(self) -> bool:
+        """No table at all: a database the migrations may create the schema in."""
+        return not self.tables
+
+    @property
+    def current(self) -> bool:
+        """At the head revision of this code."""
+        return self.revision == REVISIONS[-1]
+
+
+def inspect_database(dbapi_connection: Any, backend: str) -> DatabaseState:
+    """Read which tables exist and our schema revision, through a DBAPI connection in
+    autocommit mode (no transaction is left open, nothing is written)."""
+    cursor = dbapi_connection.cursor()
+    try:
+        if backend == "sqlite":
+            cursor.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' "
+                "AND name NOT LIKE 'sqlite_%'"
+            )
+        else:
+            cursor.execute(
+                "SELECT table_name FROM information_schema.tables "
+                "WHERE table_schema = current_schema()"
+            )
+        tables = frozenset(str(row[0]) for row in cursor.fetchall())
+        revision = None
+        if VERSION_TABLE in tables:
+            cursor.execute(f"SELECT version_num FROM {VERSION_TABLE}")
+            rows = [str(row[0]) for row in cursor.fetchall()]
+            revision = rows[0] if len(rows) == 1 else ",".join(sorted(rows)) or None
+        return DatabaseState(tables=tables, revision=revision)
+    finally:
+        cursor.close()
+
+
+def refuse_foreign(state: DatabaseState, shown: str) -> None:
+    """``StoreError`` unless the database is empty or holds a wakepoint schema this code
+    knows (at head or older)."""
+    if state.revision is None and not state.empty:
+        names = ", ".join(sorted(state.tables)[:8])
+        more = "" if len(state.tables) <= 8 else f" and {len(state.tables) - 8} more"
+        raise StoreError(
+            f"{shown}: not a wakepoint database: it has tables ({names}{more}) but no "
+            f"{VERSION_TABLE}; point the store at an empty database (or, on PostgreSQL, a "
+            "schema of its own: ?options=-csearch_path%3Dwakepoint)"
+        )
+    if state.revision is not None and state.revision not in REVISIONS:
+        raise StoreError(
+            f"{shown}: the database schema is at revision {state.revision!r}, which this "
+            f"version of wakepoint does not know (its newest is {REVISIONS[-1]!r}): the code "
+            "is older than the database; upgrade wakepoint to open it"
+        )
+
+
+def require_current(state: DatabaseState, shown: str) -> None:
+    """``StoreError`` (saying what to run) unless the database is at this code's head."""
+    refuse_foreign(state, shown)
+    if state.current:
+        return
+    how = f"run `wakepoint db upgrade {shown}` (or open the store with upgrade=True)"
+    if state.revision is None:
+        raise StoreError(f"{shown}: the database has no wakepoint tables yet; {how}")
+    raise StoreError(
+        f"{shown}: the database schema is at revision {state.revision!r}, this code needs "
+        f"{REVISIONS[-1]!r}; {how}"
+    )
