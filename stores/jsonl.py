@@ -1,0 +1,849 @@
+"""The JSONL store: the embedded default.  A directory of append-only files, one per run.
+
+What it promises (the contract of ``stores.base``): a commit's records and new state land
+together or not at all; a stale ``expected_seq`` gets ``ConflictError`` and writes nothing; a
+returned commit is visible to every reader in any process at once, and is on disk as the
+durability mode says.  Several threads of one process and several processes may share one
+directory.
+
+Layout::
+
+    log.json             {"log_id": ...}, written once (temp file + link: first writer wins)
+    runs/<name>.jsonl    one line per commit: {"records": [Envelope, ...], "state": RunState}
+    locks/<name>.lock    the run's file lock (filelock)
+    leases/<name>.json   a worker's lease: {"worker": ..., "expires": RFC 3339}
+
+``<name>`` is the run id percent-encoded with nothing kept but ``[A-Za-z0-9_.-]`` (so ``/``,
+``:`` and unicode are safe and the name decodes back), with a leading ``.`` encoded too (no
+hidden files, no ``..``).  An id whose encoding would pass the file-name limit gets a
+truncated prefix plus ``~`` and its SHA-256; such names do not decode, which costs nothing
+because listing takes every run id from the state stored in the file.
+
+Choices, and why:
+
+* **One line per commit, one ``os.write`` on an ``O_APPEND`` fd.**  A commit is atomic because
+  it is one line: readers ignore a last line without its ``\\n``, so a commit becomes visible
+  exactly when its newline is written.  Envelopes keep the signed body bytes as they are
+  (base64 in JSON), so the verifier checks the stored bytes and never a re-encoding.
+* **Every line carries the full state**, so opening a run reads only the last complete line,
+  found by reading backwards from the end: replay is bounded by one line whatever the run's
+  length.  The price is disk space; a delta format with periodic snapshots can come later
+  behind a new field (old lines stay readable).
+* **Locking.**  Writers (``create``, ``commit``, ``claim``, ``release``) take the run's
+  ``filelock`` for the inter-process part and a per-run ``threading.RLock`` for the
+  in-process part; readers take no lock.  Acquiring a file lock costs far more than a commit
+  (~150 us against ~10 us), so ``hold(run_id)`` takes it once for a whole series of commits
+  by this process; the runtime drives each run inside one.  Under the lock a commit checks
+  its cached ``(size, mtime, state)`` against ``os.fstat`` and re-reads the last line only
+  when another process appended.  ``claim`` does not wait for a run another worker is
+  writing: it skips it, as ``FOR UPDATE SKIP LOCKED`` would.  Open append fds live in a
+  bounded LRU (``max_open``); an fd in use is never evicted.
+* **Durability.**  ``sync``: fsync after each commit (and of ``runs/`` after a new file).
+  ``batch`` (default): group commit; pending files are fsynced once ``batch_commits`` commits
+  are pending or ``batch_ms`` has passed since the first one (checked on commit, and by a
+  daemon thread that wakes ``batch_ms`` after the first pending commit), so a crash loses at
+  most that window.  ``none``: never fsyncs by itself.  ``flush()`` fsyncs everything pending
+  in every mode; ``close()`` flushes in ``sync`` and ``batch``.  Leases are not fsynced: a
+  lease lost in a power cut only lets another worker claim the run sooner, which the
+  at-least-once contract allows.  A failed background fsync is raised by the next commit,
+  ``flush`` or ``close``.
+* **Torn last line.**  A crash mid-write leaves a last line without ``\\n``.  Readers ignore
+  it; the next writer, under the lock, truncates the file back to the last ``\\n`` before it
+  appends, so its line never glues onto the garbage.  A file with no complete line at all is
+  a ``create`` that never returned: it is not a run, and a later ``create`` takes it over.
+  Any other damage - a complete line that does not decode, a malformed envelope, a line whose
+  records or state belong to another run - raises ``CorruptStore`` naming the file and the
+  1-based line, and changes nothing.
+
+Limits: ``list``, ``find_waiting`` and ``claim`` list ``runs/`` and stat every file on each
+call (re-reading only files that changed), so they cost O(runs); the in-memory index holds
+every run's latest state.  File names are case-sensitive, as on Linux.
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import os
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, suppress
+from datetime import datetime, timedelta
+from pathlib import Path
+from types import TracebackType
+from typing import NamedTuple
+from urllib.parse import quote, unquote
+
+import filelock
+import msgspec
+
+from ..kernel.codec import encode_state
+from ..kernel.errors import ConflictError, CorruptStore, RunExists, RunNotFound
+from ..kernel.types import RunState, Status
+from ..ledger.records import Envelope, Record, from_envelope
+from .base import DURABILITIES, Durability, StoreError, check_append, matches, needs_worker
+
+_SUFFIX = ".jsonl"
+_MAX_NAME = 200
+"""Longest encoded run id used as is; with suffixes it stays under the usual 255-byte limit."""
+_TAIL_WINDOW = 16 * 1024
+"""First read when looking for the last line; grows x4 until the line fits."""
+_BACKLOG = 4
+"""Pending commits, in batches, at which a committer waits for the fsync itself."""
+_POLL = 0.002
+"""Seconds between attempts on a contended file lock (filelock polls a non-blocking flock)."""
+
+_APPEND_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC
+# Read access on the append fd lets the writer read the tail and truncate a torn line without
+# opening the file a second time.
+
+
+class _Line(msgspec.Struct):
+    """One stored commit (unknown fields are ignored, so later formats can add some)."""
+
+    records: list[Envelope]
+    state: RunState
+
+
+class _Lease(msgspec.Struct):
+    worker: str
+    expires: datetime
+
+
+class _LogFile(msgspec.Struct):
+    log_id: str
+
+
+_encoder = msgspec.json.Encoder()
+_line_decoder = msgspec.json.Decoder(_Line)
+_lease_decoder = msgspec.json.Decoder(_Lease)
+_log_decoder = msgspec.json.Decoder(_LogFile)
+
+
+class _Snap(NamedTuple):
+    """What a run file held when last seen: the cache a commit validates with ``fstat``."""
+
+    size: int
+    clean: int
+    """Offset just past the last ``\\n``; ``< size`` when a torn line follows it."""
+    state: RunState | None
+    """The last complete line's state; None when the file holds no complete line."""
+
+    def still(self, size: int) -> bool:
+        """Whether the file, now ``size`` bytes long, still ends with this snapshot's line.
+
+        Complete lines are never rewritten and a torn tail is only ever cut back to the last
+        ``\\n``, so a file that ended cleanly at ``size`` and is ``size`` bytes long again
+        holds the same lines.  A snapshot with a torn tail proves nothing (the tail may have
+        been cut and replaced by a line of the same length), so it is never trusted.
+        """
+        return self.clean == self.size == size
+
+
+class _Run:
+    """Per-run process-local machinery: the in-process lock, the file lock, the append fd."""
+
+    __slots__ = ("_flock", "depth", "fd", "lease_path", "lock_path", "mutex", "name", "path",
+                 "run_id", "users")
+
+    def __init__(self, run_id: str, name: str, root: Path) -> None:
+        self.run_id = run_id
+        self.name = name
+        self.path = str(root / "runs" / (name + _SUFFIX))
+        self.lock_path = str(root / "locks" / (name + ".lock"))
+        self.lease_path = str(root / "leases" / (name + ".json"))
+        self.mutex = threading.RLock()
+        self._flock: filelock.FileLock | None = None
+        self.depth = 0
+        """Nesting of lock sections of the thread owning ``mutex``; > 0 while it holds the flock."""
+        self.fd: int | None = None
+        self.users = 0
+        """Threads between checkout and checkin; an entry in use is never evicted."""
+
+    @property
+    def flock(self) -> filelock.FileLock:
+        # Built lazily: constructing a FileLock costs ~75 us, and readers never need one.
+        if self._flock is None:
+            self._flock = filelock.FileLock(self.lock_path, poll_interval=_POLL)
+        return self._flock
+
+
+def file_name(run_id: str) -> str:
+    """The file-system-safe name of a run id (see the module docstring)."""
+    if not run_id:
+        raise StoreError("a run id cannot be empty")
+    # quote() keeps "~" as is; escaping it too leaves "~" free to mark hashed names.
+    name = quote(run_id, safe="").replace("~", "%7E")
+    if name.startswith("."):
+        name = "%2E" + name[1:]
+    if len(name) > _MAX_NAME:
+        name = name[: _MAX_NAME - 65] + "~" + hashlib.sha256(run_id.encode()).hexdigest()
+    return name
+
+
+def run_id_of(name: str) -> str | None:
+    """The run id a file name encodes, or None for a hashed (too long) one."""
+    return None if "~" in name else unquote(name)
+
+
+def _tail(fd: int, size: int) -> tuple[int, int, bytes | None]:
+    """``(start, clean, line)`` of the last complete line within the first ``size`` bytes.
+
+    ``clean`` is the offset just past its ``\\n``; ``line`` is None (and both offsets 0) when
+    there is no complete line.
+    """
+    window = _TAIL_WINDOW
+    while True:
+        start = max(0, size - window)
+        # A concurrent truncation of a torn line may make this read short; whatever it
+        # returns is still the file's content from ``start`` on.
+        data = os.pread(fd, size - start, start)
+        nl = data.rfind(b"\n")
+        if nl < 0:
+            if start == 0:
+                return 0, 0, None
+            window *= 4
+            continue
+        prev = data.rfind(b"\n", 0, nl)
+        if prev < 0 and start > 0:
+            window *= 4
+            continue
+        return start + prev + 1, start + nl + 1, data[prev + 1 : nl]
+
+
+def _line_number(fd: int, offset: int) -> int:
+    """The 1-based number of the line starting at ``offset`` (only on the error path)."""
+    count, pos = 0, 0
+    while pos < offset:
+        chunk = os.pread(fd, min(1 << 20, offset - pos), pos)
+        if not chunk:
+            break
+        count += chunk.count(b"\n")
+        pos += len(chunk)
+    return count + 1
+
+
+def _encode_line(state: RunState, records: Sequence[Record]) -> bytes:
+    # Built by hand around the kernel's state encoding so the stored state is exactly the
+    # bytes ``kernel.codec`` digests; equal to encoding a ``_Line``.
+    envelopes = _encoder.encode([r.envelope() for r in records])
+    return b'{"records":%s,"state":%s}\n' % (envelopes, encode_state(state))
+
+
+def _decode_line(
+    data: bytes, path: str, line: Callable[[], int], run_id: str | None
+) -> tuple[RunState, list[Record]]:
+    """Decode and check one complete line; ``CorruptStore`` at ``path:line()`` otherwise."""
+    try:
+        decoded = _line_decoder.decode(data)
+        records = [from_envelope(env) for env in decoded.records]
+    except ValueError as exc:  # msgspec's DecodeError and ValidationError are ValueErrors
+        raise CorruptStore(path, line(), f"undecodable commit: {exc}") from None
+    state = decoded.state
+    owner = state.run_id if run_id is None else run_id
+    if state.run_id != owner or any(r.run_id != owner for r in records):
+        raise CorruptStore(path, line(), f"commit of another run in the file of {owner!r}")
+    if records and [r.seq for r in records] != list(
+        range(state.seq - len(records) + 1, state.seq + 1)
+    ):
+        raise CorruptStore(
+            path, line(), f"record seqs {[r.seq for r in records]} do not end at state.seq "
+            f"{state.seq}"
+        )
+    return state, records
+
+
+class JsonlStore:
+    """A store in a directory of JSONL files; see the module docstring for the guarantees.
+
+    ``durability`` is ``"sync"``, ``"batch"`` (group commit every ``batch_commits`` commits or
+    ``batch_ms`` milliseconds) or ``"none"``.  ``log_id`` names a new store's ledger (random
+    when omitted) and must match an existing store's.  ``max_open`` bounds the cached append
+    fds.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        durability: Durability = "batch",
+        batch_commits: int = 64,
+        batch_ms: float = 10,
+        log_id: str | None = None,
+        max_open: int = 256,
+    ) -> None:
+        if durability not in DURABILITIES:
+            raise StoreError(
+                f"unknown durability {durability!r}: use one of {', '.join(DURABILITIES)}"
+            )
+        if batch_commits < 1 or batch_ms < 0 or max_open < 1:
+            raise StoreError(
+                f"batch_commits ({batch_commits}) and max_open ({max_open}) must be at least "
+                f"1, batch_ms ({batch_ms}) at least 0"
+            )
+        self.path = Path(path)
+        self.durability: Durability = durability
+        self._sync = durability == "sync"
+        self._batch = durability == "batch"
+        self._batch_commits = batch_commits
+        self._batch_s = batch_ms / 1000
+        self._max_open = max_open
+        self._runs_dir = str(self.path / "runs")
+        for sub in ("runs", "locks", "leases"):
+            (self.path / sub).mkdir(parents=True, exist_ok=True)
+        self.log_id = self._open_log(log_id)
+
+        # Global state of this instance, guarded by ``_lock`` (never held while waiting for a
+        # run's lock or doing a slow syscall, so a slow fsync never blocks other runs).
+        self._lock = threading.RLock()
+        self._runs: OrderedDict[str, _Run] = OrderedDict()  # LRU; the open fds live here
+        self._snaps: dict[str, _Snap] = {}  # file name -> last seen; the commit cache and index
+        self._dirty: dict[str, str] = {}  # run id -> path of files written since the last fsync
+        self._dir_dirty = False
+        self._pending = 0
+        self._first_pending = 0.0
+        self._closed = False
+        self._error: OSError | None = None  # a failed background fsync, raised at next call
+        # Flushes are serialized so that ``flush()`` returns only after every commit that
+        # returned before it is on disk, even when the flusher thread started the fsync.
+        self._sync_lock = threading.Lock()
+        self._wake = threading.Event()  # set: commits are pending
+        self._due = threading.Event()  # set: a batch is full or its window has passed
+        self._stop = threading.Event()
+        self._flusher: threading.Thread | None = None
+
+    def __repr__(self) -> str:
+        return f"JsonlStore({str(self.path)!r}, durability={self.durability!r})"
+
+    def __enter__(self) -> JsonlStore:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # --- opening -----------------------------------------------------------------------
+
+    def _open_log(self, wanted: str | None) -> str:
+        """Read ``log.json``, creating it first if absent; two racing creators agree."""
+        target = self.path / "log.json"
+        if not target.exists():
+            tmp = self.path / f".log.json.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+            data = _encoder.encode(_LogFile(log_id=wanted or f"jsonl-{uuid.uuid4().hex}"))
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                os.write(fd, data + b"\n")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            try:
+                # link() fails if the name exists, so the first creator wins and every
+                # process then reads the same complete file (never a half-written one).
+                os.link(tmp, target)
+                self._fsync_dir(str(self.path))
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink()
+        try:
+            found = _log_decoder.decode(target.read_bytes()).log_id
+        except ValueError as exc:
+            raise CorruptStore(str(target), 1, f"undecodable log file: {exc}") from None
+        if wanted is not None and wanted != found:
+            raise StoreError(f"{self.path}: the store's log id is {found!r}, not {wanted!r}")
+        return found
+
+    # --- per-run machinery ---------------------------------------------------------------
+
+    def _checkout(self, run_id: str) -> _Run:
+        """The run's machinery, pinned (not evictable) until ``_checkin``."""
+        with self._lock:
+            run = self._runs.get(run_id)
+            if run is None:
+                if self._closed:
+                    raise StoreError(f"{self!r} is closed")
+                run = self._runs[run_id] = _Run(run_id, file_name(run_id), self.path)
+                if len(self._runs) > self._max_open:
+                    self._evict()
+            else:
+                self._runs.move_to_end(run_id)
+            run.users += 1
+            return run
+
+    def _checkin(self, run: _Run) -> None:
+        with self._lock:
+            run.users -= 1
+
+    def _evict(self) -> None:
+        # Caller holds ``_lock``.  Pinned entries are skipped, so the bound is soft when more
+        # than ``max_open`` runs are in use at once.  A dirty file closed here stays in
+        # ``_dirty`` and is reopened by path to be fsynced.
+        excess = len(self._runs) - self._max_open
+        for run in [r for r in self._runs.values() if r.users == 0][:excess]:
+            del self._runs[run.run_id]
+            if run.fd is not None:
+                os.close(run.fd)
+                run.fd = None
+
+    def _lock_run(self, run: _Run, *, blocking: bool = True) -> bool:
+        """Take the run's file lock unless this thread holds it; caller holds ``run.mutex``."""
+        if run.depth == 0:
+            try:
+                run.flock.acquire(blocking=blocking)
+            except filelock.Timeout:
+                return False
+        run.depth += 1
+        return True
+
+    def _unlock_run(self, run: _Run) -> None:
+        run.depth -= 1
+        if run.depth == 0:
+            run.flock.release()
+
+    @contextmanager
+    def _locked(self, run_id: str) -> Iterator[_Run]:
+        run = self._checkout(run_id)
+        try:
+            with run.mutex:
+                self._lock_run(run)
+                try:
+                    yield run
+                finally:
+                    self._unlock_run(run)
+        finally:
+            self._checkin(run)
+
+
+    # --- writing -------------------------------------------------------------------------
+
+    def hold(self, run_id: str) -> AbstractContextManager[None]:
+        """Hold the run's lock for a series of commits by this thread (re-entrant).
+
+        Other processes cannot write the run meanwhile, and other threads of this process
+        wait; ``commit`` inside the hold skips the file lock it would otherwise take.
+        """
+        return self._locked_none(run_id)
+
+    @contextmanager
+    def _locked_none(self, run_id: str) -> Iterator[None]:
+        with self._locked(run_id):
+            yield
+
+    def create(self, state: RunState, records: Sequence[Record]) -> None:
+        """Store a new run with its first records; ``RunExists`` if the id is taken."""
+        check_append(state.run_id, -1, state, records)
+        self._raise_error()
+        line = _encode_line(state, records)
+        # Under the run's lock, so that a crashed creator's empty file (no complete line) can
+        # be taken over without racing a live creator that has not written its line yet.
+        with self._locked(state.run_id) as run:
+            new_file = False
+            if run.fd is None:
+                try:
+                    run.fd = os.open(run.path, _APPEND_FLAGS | os.O_CREAT | os.O_EXCL, 0o644)
+                    new_file = True
+                except FileExistsError:
+                    run.fd = os.open(run.path, _APPEND_FLAGS)
+            fd = run.fd
+            if new_file:
+                snap = _Snap(0, 0, None)
+            else:
+                snap = self._snap_from(fd, os.fstat(fd).st_size, run.path, run.name, run.run_id)
+                if snap.state is not None:
+                    raise RunExists(state.run_id)
+            self._append(run, fd, snap, line, state, new_file=new_file)
+
+    def commit(
+        self, run_id: str, expected_seq: int, state: RunState, records: Sequence[Record]
+    ) -> None:
+        """Append records and replace the state if the run is at ``expected_seq``.
+
+        ``ConflictError`` (nothing written) when another writer got there first,
+        ``RunNotFound`` when there is no such run.
+        """
+        check_append(run_id, expected_seq, state, records)
+        self._raise_error()
+        line = _encode_line(state, records)  # outside every lock: pure CPU work
+        run = self._checkout(run_id)
+        try:
+            with run.mutex:
+                fd = run.fd
+                if fd is None:
+                    # Opened before locking, so a wrong run id leaves no lock file behind.
+                    try:
+                        fd = run.fd = os.open(run.path, _APPEND_FLAGS)
+                    except FileNotFoundError:
+                        raise RunNotFound(run_id) from None
+                self._lock_run(run)
+                try:
+                    # One fstat tells whether another process committed since we last looked
+                    # (see _Snap.still); only then is the last line read again.
+                    size = os.fstat(fd).st_size
+                    snap = self._snaps.get(run.name)
+                    if snap is None or not snap.still(size):
+                        snap = self._snap_from(fd, size, run.path, run.name, run_id)
+                    if snap.state is None:
+                        raise RunNotFound(run_id)
+                    if snap.state.seq != expected_seq:
+                        raise ConflictError(run_id, expected_seq, snap.state.seq)
+                    self._append(run, fd, snap, line, state, new_file=False)
+                finally:
+                    self._unlock_run(run)
+        finally:
+            self._checkin(run)
+
+    def _append(
+        self, run: _Run, fd: int, snap: _Snap, line: bytes, state: RunState, *, new_file: bool
+    ) -> None:
+        """Write one commit line; caller holds the run's lock and has checked the seq."""
+        if snap.clean != snap.size:
+            # A torn line from a crashed writer: cut it off, or our line would extend it.
+            os.ftruncate(fd, snap.clean)
+        try:
+            written = os.write(fd, line)
+            if written != len(line):
+                raise StoreError(
+                    f"{run.path}: short write ({written} of {len(line)} bytes); "
+                    "the commit was not stored"
+                )
+        except (OSError, StoreError):
+            # Leave no partial line behind (best effort: the next writer would cut it anyway).
+            self._snaps.pop(run.name, None)
+            with suppress(OSError):
+                os.ftruncate(fd, snap.clean)
+            raise
+        if self._sync:
+            os.fsync(fd)
+            if new_file:
+                self._fsync_dir(self._runs_dir)
+        # We hold the lock, so nobody else appended: the file now ends with our line.
+        size = snap.clean + written
+        self._snaps[run.name] = _Snap(size, size, state)
+        if not self._sync:
+            self._mark_dirty(run, new_file)
+
+    # --- durability ------------------------------------------------------------------------
+
+    def _mark_dirty(self, run: _Run, new_file: bool) -> None:
+        with self._lock:
+            self._dirty[run.run_id] = run.path
+            self._dir_dirty = self._dir_dirty or new_file
+            if not self._batch:
+                return  # "none": tracked only so that an explicit flush() covers it
+            now = time.monotonic()
+            if self._pending == 0:
+                self._first_pending = now
+                self._wake.set()
+                if self._flusher is None:
+                    self._flusher = threading.Thread(
+                        target=self._flush_loop, name=f"wakepoint-flusher:{self.path}",
+                        daemon=True,
+                    )
+                    self._flusher.start()
+            self._pending += 1
+            # The batch is due: hand the fsync to the flusher, which runs it without the GIL
+            # while commits go on (an inline fsync here cost ~18 us per commit on average).
+            # Only a flusher that falls far behind makes the committer wait (backpressure).
+            backlog = self._pending >= self._batch_commits * _BACKLOG
+            if not backlog and not self._due.is_set() and (
+                self._pending >= self._batch_commits
+                or now - self._first_pending >= self._batch_s
+            ):
+                self._due.set()
+        if backlog:
+            self._flush()
+
+    def _flush_loop(self) -> None:
+        # Wakes when a first commit becomes pending, sleeps out the rest of the batch window
+        # (or less, when a commit finds the batch full), then fsyncs whatever is pending.
+        # An idle store's thread sleeps on an event and costs nothing.
+        while True:
+            self._wake.wait()
+            if self._stop.is_set():
+                return
+            delay = self._first_pending + self._batch_s - time.monotonic()
+            if delay > 0:
+                self._due.wait(delay)
+                if self._stop.is_set():
+                    return
+            try:
+                self._flush()
+            except OSError as exc:
+                with self._lock:
+                    self._error = exc
+
+    def _flush(self) -> None:
+        """fsync every file written since the last flush (and ``runs/`` if it gained files)."""
+        with self._sync_lock:
+            with self._lock:
+                # dup() the cached fds so that an eviction closing them meanwhile cannot make
+                # us fsync a closed (or reused) descriptor; evicted files reopen by path.
+                todo: list[tuple[int | None, str]] = []
+                for run_id, path in self._dirty.items():
+                    run = self._runs.get(run_id)
+                    fd = run.fd if run is not None else None
+                    todo.append((None if fd is None else os.dup(fd), path))
+                self._dirty.clear()
+                dir_dirty, self._dir_dirty = self._dir_dirty, False
+                self._pending = 0
+                self._wake.clear()
+                self._due.clear()
+            try:
+                for index, (dup, path) in enumerate(todo):
+                    fd = dup
+                    if fd is None:
+                        try:
+                            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                        except FileNotFoundError:
+                            continue
+                        todo[index] = (fd, path)
+                    os.fsync(fd)
+            finally:
+                for fd, _ in todo:
+                    if fd is not None:
+                        os.close(fd)
+            if dir_dirty:
+                self._fsync_dir(self._runs_dir)
+
+    @staticmethod
+    def _fsync_dir(path: str) -> None:
+        # A new file's directory entry is only durable once its directory is fsynced.
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            with self._lock:
+                error, self._error = self._error, None
+            if error is not None:
+                raise StoreError(f"{self.path}: a background fsync failed: {error}") from error
+
+    def flush(self) -> None:
+        """Make every returned commit durable now, whatever the durability mode."""
+        self._raise_error()
+        self._flush()
+
+    def close(self) -> None:
+        """Stop the flusher, flush (``sync``/``batch``) and close every fd; idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            flusher = self._flusher
+        self._stop.set()
+        self._wake.set()
+        self._due.set()
+        if flusher is not None:
+            flusher.join()
+        try:
+            if self.durability != "none":
+                self._flush()
+            self._raise_error()
+        finally:
+            with self._lock:
+                for run in self._runs.values():
+                    if run.fd is not None:
+                        os.close(run.fd)
+                        run.fd = None
+                self._runs.clear()
+
+    # --- reading -------------------------------------------------------------------------
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self._runs_dir, name + _SUFFIX)
+
+    def _snap_from(
+        self, fd: int, size: int, path: str, name: str, run_id: str | None
+    ) -> _Snap:
+        """Read the last complete line of an open run file of ``size`` bytes; cache it."""
+        start, clean, data = _tail(fd, size)
+        state: RunState | None = None
+        if data is not None:
+            state, _ = _decode_line(data, path, lambda: _line_number(fd, start), run_id)
+            if run_id is None and file_name(state.run_id) != name:
+                raise CorruptStore(
+                    path, _line_number(fd, start), f"state of run {state.run_id!r} in the "
+                    "file of another run"
+                )
+        snap = _Snap(size, clean, state)
+        self._snaps[name] = snap
+        return snap
+
+    def _read_snap(self, path: str, name: str, run_id: str | None) -> _Snap | None:
+        """``_snap_from`` on a fresh read-only fd; None if the file is gone."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            return self._snap_from(fd, os.fstat(fd).st_size, path, name, run_id)
+        finally:
+            os.close(fd)
+
+    def _current(self, name: str, run_id: str | None) -> RunState | None:
+        """The run's latest committed state, from the cache when the file is unchanged."""
+        path = self._path(name)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        snap = self._snaps.get(name)
+        if snap is None or not snap.still(st.st_size):
+            snap = self._read_snap(path, name, run_id)
+        return None if snap is None else snap.state
+
+    def load(self, run_id: str) -> RunState:
+        """The run's last committed state (bounded read: the file's last complete line)."""
+        state = self._current(file_name(run_id), run_id)
+        if state is None:
+            raise RunNotFound(run_id)
+        return state
+
+    def ledger(self, run_id: str) -> list[Record]:
+        """The run's records in seq order; ``CorruptStore`` names the file and line."""
+        path = self._path(file_name(run_id))
+        try:
+            f = open(path, "rb")  # noqa: SIM115 - closed by the with below, after the check
+        except FileNotFoundError:
+            raise RunNotFound(run_id) from None
+        records: list[Record] = []
+        complete = False
+        with f:
+            for number, raw in enumerate(f, start=1):
+                if not raw.endswith(b"\n"):
+                    break  # torn last line: a commit that never returned
+                complete = True
+                _, found = _decode_line(raw[:-1], path, number.__int__, run_id)
+                records.extend(found)
+        if not complete:
+            raise RunNotFound(run_id)
+        return records
+
+    def _refresh(self) -> list[RunState]:
+        """Every run's latest state, re-reading only the last line of files that changed."""
+        states: list[RunState] = []
+        seen: set[str] = set()
+        with os.scandir(self._runs_dir) as entries:
+            for entry in entries:
+                if not entry.name.endswith(_SUFFIX) or entry.name.startswith("."):
+                    continue
+                name = entry.name[: -len(_SUFFIX)]
+                seen.add(name)
+                try:
+                    st = entry.stat()
+                except FileNotFoundError:
+                    continue
+                snap = self._snaps.get(name)
+                if snap is None or not snap.still(st.st_size):
+                    snap = self._read_snap(entry.path, name, run_id_of(name))
+                if snap is not None and snap.state is not None:
+                    states.append(snap.state)
+        with self._lock:
+            for name in self._snaps.keys() - seen:
+                del self._snaps[name]
+        return states
+
+    def list(
+        self,
+        *,
+        status: Status | None = None,
+        workflow: str | None = None,
+        wait_kind: str | None = None,
+        due_before: datetime | None = None,
+        parent: str | None = None,
+        limit: int | None = None,
+    ) -> builtins.list[RunState]:
+        """Runs matching every given filter, oldest first (by ``created_at``, then id)."""
+        found = [
+            s for s in self._refresh()
+            if matches(s, status=status, workflow=workflow, wait_kind=wait_kind,
+                       due_before=due_before, parent=parent)
+        ]
+        found.sort(key=_age)
+        return found if limit is None else found[:limit]
+
+    def find_waiting(self, key: str) -> builtins.list[RunState]:
+        """WAITING runs whose wait key is ``key``, by run id."""
+        found = [
+            s for s in self._refresh()
+            if s.status is Status.WAITING and s.wait is not None and s.wait.key == key
+        ]
+        found.sort(key=lambda s: s.run_id)
+        return found
+
+    # --- leases --------------------------------------------------------------------------
+
+    def claim(
+        self, now: datetime, worker: str, lease: timedelta, limit: int
+    ) -> builtins.list[RunState]:
+        """Lease up to ``limit`` runs that need a worker now, oldest first.
+
+        A run another thread or process is writing at this moment is skipped, not waited
+        for (like ``SKIP LOCKED``); its state is re-read under the lock before it is leased.
+        """
+        self._raise_error()
+        candidates = [s for s in self._refresh() if needs_worker(s, now)]
+        candidates.sort(key=_age)
+        claimed: builtins.list[RunState] = []
+        for candidate in candidates:
+            if len(claimed) >= limit:
+                break
+            run = self._checkout(candidate.run_id)
+            try:
+                if not run.mutex.acquire(blocking=False):
+                    continue
+                try:
+                    if not self._lock_run(run, blocking=False):
+                        continue
+                    try:
+                        state = self._current(run.name, run.run_id)
+                        if state is None or not needs_worker(state, now):
+                            continue
+                        held = self._read_lease(run)
+                        if held is not None and held.worker != worker and held.expires > now:
+                            continue
+                        self._write_lease(run, _Lease(worker=worker, expires=now + lease))
+                        claimed.append(state)
+                    finally:
+                        self._unlock_run(run)
+                finally:
+                    run.mutex.release()
+            finally:
+                self._checkin(run)
+        return claimed
+
+    def release(self, run_id: str, worker: str) -> None:
+        """Give back ``worker``'s lease on ``run_id`` (no error if it holds none)."""
+        with self._locked(run_id) as run:
+            held = self._read_lease(run)
+            if held is not None and held.worker == worker:
+                os.unlink(run.lease_path)
+
+    def _read_lease(self, run: _Run) -> _Lease | None:
+        try:
+            data = Path(run.lease_path).read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            return _lease_decoder.decode(data)
+        except ValueError as exc:
+            raise CorruptStore(run.lease_path, None, f"undecodable lease: {exc}") from None
+
+    def _write_lease(self, run: _Run, lease: _Lease) -> None:
+        # Temp file + rename: a reader sees the old lease or the new one, never half of one.
+        tmp = os.path.join(self.path, "leases", f".{run.name}.{uuid.uuid4().hex}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(_encoder.encode(lease))
+        os.replace(tmp, run.lease_path)
+
+
+def _age(state: RunState) -> tuple[datetime, str]:
+    return (state.created_at, state.run_id)
