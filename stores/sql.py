@@ -6,20 +6,24 @@ Promises (the contract of ``stores.base``, checked by ``stores.conformance``):
   :expected`` (the optimistic check: zero rows means another writer moved the run, or there
   is no run), then the records.  All or nothing; the loser of a race gets ``ConflictError``
   with the seq it lost to.  ``create`` is ``INSERT ... ON CONFLICT DO NOTHING``.
-* Every record gets a store-wide *global position*, dense from 1 and in commit order: the
-  transaction bumps the counter row of ``wp_meta`` (``UPDATE ... RETURNING``) just before it
-  inserts its records.  The row lock is held to the commit, so positions are handed out in
-  commit order, a rollback returns its numbers (no gaps, unlike a PostgreSQL sequence), and a
-  reader never sees position n+1 without n.  The cost - commits serialize on that row for
-  the time between the bump and the commit - is the point: checkpoints sign a prefix of
-  one global sequence.  (SQLite serializes writers anyway.)  The bump comes after the run's
-  row is locked, so the lock order is always run, then counter: no deadlocks.
+* Every record gets a store-wide *global position*, dense from 1 and in commit order.
+  SQLite: the position is the rowid, which SQLite sets to ``max + 1``; writers hold the
+  database's one write lock from ``BEGIN IMMEDIATE`` to ``COMMIT``, so positions follow
+  commit order and a rollback gives its numbers back.  PostgreSQL: a sequence would leave
+  gaps on rollback and hand out numbers out of commit order, so the transaction bumps the
+  counter row of ``wp_meta`` (``UPDATE ... RETURNING``, one round trip) just before it
+  inserts its records; the row lock is held to the commit, so positions follow commit
+  order, a rollback returns its numbers, and a reader never sees position n+1 without n.
+  The cost - committers serialize on that row between the bump and the commit - is the
+  point: checkpoints sign a prefix of one global sequence.  The bump comes after the run's
+  row is locked, so locks are always taken run first, counter second: no deadlocks.
 * Durability: see ``stores.sql_engine`` (SQLite ``synchronous`` per mode; PostgreSQL
   ``synchronous_commit``).  ``flush`` makes every returned commit durable in any mode.
 * ``claim`` is one statement on both dialects: ``WITH picked AS (SELECT run_id ... LIMIT n
   FOR UPDATE SKIP LOCKED) UPDATE wp_runs SET lease_... WHERE run_id IN picked RETURNING
   state``.  PostgreSQL skips rows another claimer has locked; SQLite (which renders no
-  ``FOR UPDATE``) runs it inside ``BEGIN IMMEDIATE``, i.e. alone.  Claims are oldest first.
+  ``FOR UPDATE``) runs it inside ``BEGIN IMMEDIATE``, i.e. alone.  Which of more than
+  ``limit`` candidates are taken is not specified; the result is sorted oldest first.
 * Opening checks the database before writing anything: an empty database, someone else's,
   or one at a schema newer than the code is a ``StoreError`` that says what to do
   (``upgrade=True`` runs the migrations for the first and for an older schema).
@@ -29,7 +33,11 @@ dialect; the hot path then runs the compiled SQL on the DBAPI connection of the 
 thread, kept open for the store's life (one per thread; SQLite's ``sqlite3`` and psycopg both
 cache prepared statements per connection).  Going through ``Connection.execute`` costs tens
 of microseconds per statement, more than SQLite needs for the whole commit.  Records are
-inserted with ``executemany``.  ``hold`` needs nothing: the seq check is the lock.
+inserted with ``executemany``.  A commit that leaves the indexed columns as they were (most
+commits: a step from node to node) updates only ``state``, ``seq`` and ``updated_at``, so
+SQLite does not rewrite four index entries; the store knows the columns are unchanged when
+*it* wrote the row at ``expected_seq`` (only one commit can ever write a given seq of a run).
+``hold`` needs nothing: the seq check is the lock.
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ from contextlib import AbstractContextManager, contextmanager, suppress
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, literal_column, null, select, update
+from sqlalchemy import bindparam, func, literal_column, null, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.sql import Executable
@@ -61,6 +69,9 @@ _WAITING = literal_column(f"'{Status.WAITING.value}'")
 _RUNNING = literal_column(f"'{Status.RUNNING.value}'")
 _ONE = literal_column("1")
 _ZERO = literal_column("0")  # an explicit OFFSET 0: SQLite's compiler would bind one
+
+_WRITTEN_MAX = 10_000
+"""Runs whose last written indexed columns the store remembers (see "Speed" above)."""
 
 _fork_generation = 0
 _inherited: list[Any] = []
@@ -110,19 +121,23 @@ class _Statements:
                 due=b("b_due"), updated_at=b("b_updated_at"),
             )
         )
+        self.update_state = self._sql(
+            update(WP_RUNS)
+            .where(r.run_id == b("b_run_id"), r.seq == b("b_expected"))
+            .values(state=b("b_state"), seq=b("b_seq"), updated_at=b("b_updated_at"))
+        )
+        self.rowid_positions = engine.dialect.name == "sqlite"
         self.bump = self._sql(
             update(WP_META)
             .where(meta.id == _ONE)
             .values(last_position=meta.last_position + b("b_count"))
             .returning(meta.last_position)
         )
-        self.append = self._sql(
-            WP_RECORDS.insert().values(
-                position=b("b_position"), run_id=b("b_run_id"), seq=b("b_seq"),
-                key_id=b("b_key_id"), body=b("b_body"), sig=b("b_sig"),
-                record_hash=b("b_hash"),
-            )
-        )
+        record = {"run_id": b("b_run_id"), "seq": b("b_seq"), "key_id": b("b_key_id"),
+                  "body": b("b_body"), "sig": b("b_sig"), "record_hash": b("b_hash")}
+        # NULL into SQLite's INTEGER PRIMARY KEY is "the next rowid".
+        record["position"] = null() if self.rowid_positions else b("b_position")
+        self.append = self._sql(WP_RECORDS.insert().values(**record))
         self.ledger = self._sql(
             select(rec.seq, rec.key_id, rec.body, rec.sig, rec.record_hash)
             .where(rec.run_id == b("b_run_id"))
@@ -139,6 +154,9 @@ class _Statements:
             .where(r.run_id == b("b_run_id"), r.lease_owner == b("b_worker"))
             .values(lease_owner=null(), lease_expires=null())
         )
+        # No ORDER BY: it would make SQLite walk an index in created_at order through every
+        # run when nothing is claimable (the common case); unordered, both dialects look up
+        # the two kinds of candidate through their own indexes.
         picked = (
             select(r.run_id)
             .where(
@@ -146,7 +164,6 @@ class _Statements:
                 r.lease_owner.is_(None) | (r.lease_expires <= b("b_now"))
                 | (r.lease_owner == b("b_worker")),
             )
-            .order_by(r.created_at, r.run_id)
             .limit(b("b_limit"))
             .offset(_ZERO)
             .with_for_update(skip_locked=True)
@@ -159,8 +176,9 @@ class _Statements:
             .values(lease_owner=b("b_worker"), lease_expires=b("b_expires"))
             .returning(r.state)
         )
-        self.last_position = self._sql(select(meta.log_id, meta.last_position))
+        self.last_position = self._sql(select(func.coalesce(func.max(rec.position), _ZERO)))
         self._lists: dict[tuple[bool, ...], str] = {}
+        self._sqlite = engine.dialect.name == "sqlite"
 
     def _sql(self, statement: Executable) -> str:
         return str(statement.compile(dialect=self._dialect))
@@ -174,7 +192,13 @@ class _Statements:
         sql = self._lists.get(key)
         if sql is None:
             r = WP_RUNS.c
-            query = select(r.state).order_by(r.created_at, r.run_id)
+            first: Any = r.created_at
+            if due and self._sqlite:
+                # SQLite cannot tell how selective ``due <= ?`` is and would rather walk the
+                # (created_at, run_id) index through every run to skip a sort; ``+`` makes
+                # the order an expression, so it uses the due index and sorts what it finds.
+                first = literal_column(f"+{WP_RUNS.name}.created_at")
+            query = select(r.state).order_by(first, r.run_id)
             if status:
                 query = query.where(r.status == bindparam("b_status"))
             if workflow:
@@ -191,18 +215,25 @@ class _Statements:
         return sql
 
 
-def _columns(state: RunState) -> dict[str, Any]:
-    """The indexed copies of ``state`` that a commit writes next to its bytes."""
+_Indexed = tuple[str, str, str | None, str | None, int | None]
+
+
+def _indexed(state: RunState) -> _Indexed:
+    """The columns of ``wp_runs`` a commit may change besides ``state`` and ``seq``."""
     wait = state.wait
     if wait is None:
-        kind = key = due = None
-    else:
-        kind, key = wait.kind, wait.key
-        due = None if wait.deadline is None else to_us(wait.deadline)
+        return (state.status.value, state.version, None, None, None)
+    due = None if wait.deadline is None else to_us(wait.deadline)
+    return (state.status.value, state.version, wait.kind, wait.key, due)
+
+
+def _columns(state: RunState, indexed: _Indexed) -> dict[str, Any]:
+    """The parameters of a commit: the state's bytes and its indexed copies."""
+    status, logic_id, kind, key, due = indexed
     return {
-        "b_state": encode_state(state), "b_status": state.status.value,
-        "b_logic_id": state.version, "b_seq": state.seq, "b_wait_kind": kind,
-        "b_wait_key": key, "b_due": due, "b_updated_at": to_us(state.updated_at),
+        "b_state": encode_state(state), "b_status": status, "b_logic_id": logic_id,
+        "b_seq": state.seq, "b_wait_kind": kind, "b_wait_key": key, "b_due": due,
+        "b_updated_at": to_us(state.updated_at),
     }
 
 
@@ -235,6 +266,7 @@ class SqlStore:
         self._connections: list[Any] = []
         self._generation = _fork_generation
         self._closed = False
+        self._written: dict[str, tuple[int, _Indexed]] = {}
         self._dbapi: Any = self._engine.dialect.loaded_dbapi
         try:
             self.log_id = self._open(upgrade)
@@ -335,11 +367,20 @@ class SqlStore:
         finally:
             cursor.close()
 
-    def _query(self, sql: str, params: Mapping[str, Any]) -> builtins.list[Any]:
-        """Rows of one read statement (its own implicit transaction)."""
+    def _query(
+        self, sql: str, params: Mapping[str, Any], *, planned: bool = False
+    ) -> builtins.list[Any]:
+        """Rows of one read statement (its own implicit transaction).
+
+        ``planned``: PostgreSQL plans the statement for these very values instead of reusing
+        a prepared, generic plan (which cannot know how selective ``due <= $1`` is).
+        """
         cursor = self._conn().cursor()
         try:
-            cursor.execute(sql, params)
+            if planned and self._backend == "postgresql":
+                cursor.execute(sql, params, prepare=False)
+            else:
+                cursor.execute(sql, params)
             return cursor.fetchall()  # type: ignore[no-any-return]
         except (self._dbapi.OperationalError, self._dbapi.InterfaceError):
             self._discard()
@@ -353,13 +394,17 @@ class SqlStore:
         """Insert ``records`` at the next global positions (inside the caller's transaction)."""
         if not records:
             return
-        cursor.execute(self._sql.bump, {"b_count": len(records)})
-        first = cursor.fetchone()[0] - len(records) + 1
         rows = [
-            {"b_position": first + i, "b_run_id": rec.run_id, "b_seq": rec.seq,
-             "b_key_id": rec.key_id, "b_body": rec.body, "b_sig": rec.sig, "b_hash": rec.hash}
-            for i, rec in enumerate(records)
+            {"b_run_id": rec.run_id, "b_seq": rec.seq, "b_key_id": rec.key_id,
+             "b_body": rec.body, "b_sig": rec.sig, "b_hash": rec.hash}
+            for rec in records
         ]
+        if not self._sql.rowid_positions:
+            cursor.execute(self._sql.bump, {"b_count": len(records)})
+            position = cursor.fetchone()[0] - len(records)
+            for row in rows:
+                position += 1
+                row["b_position"] = position
         if len(rows) == 1:
             cursor.execute(self._sql.append, rows[0])
         else:
@@ -368,7 +413,8 @@ class SqlStore:
     def create(self, state: RunState, records: Sequence[Record]) -> None:
         """Store a new run with its first records; ``RunExists`` if the id is taken."""
         check_append(state.run_id, -1, state, records)
-        params = _columns(state)
+        indexed = _indexed(state)
+        params = _columns(state, indexed)
         params["b_run_id"] = state.run_id
         params["b_workflow"] = state.workflow
         params["b_parent"] = None if state.parent is None else state.parent.run_id
@@ -378,17 +424,20 @@ class SqlStore:
             if cursor.rowcount != 1:
                 raise RunExists(state.run_id)
             self._append(cursor, records)
+        self._wrote(state.run_id, state.seq, indexed)
 
     def commit(
         self, run_id: str, expected_seq: int, state: RunState, records: Sequence[Record]
     ) -> None:
         """Append records and replace the state if the run is at ``expected_seq``."""
         check_append(run_id, expected_seq, state, records)
-        params = _columns(state)
+        indexed = _indexed(state)
+        params = _columns(state, indexed)
         params["b_run_id"] = run_id
         params["b_expected"] = expected_seq
+        same = self._written.get(run_id) == (expected_seq, indexed)
         with self._transaction() as cursor:
-            cursor.execute(self._sql.update, params)
+            cursor.execute(self._sql.update_state if same else self._sql.update, params)
             if cursor.rowcount != 1:
                 cursor.execute(self._sql.seq, {"b_run_id": run_id})
                 row = cursor.fetchone()
@@ -396,6 +445,14 @@ class SqlStore:
                     raise RunNotFound(run_id)
                 raise ConflictError(run_id, expected_seq, int(row[0]))
             self._append(cursor, records)
+        self._wrote(run_id, state.seq, indexed)
+
+    def _wrote(self, run_id: str, seq: int, indexed: _Indexed) -> None:
+        """Remember the indexed columns this store committed for ``run_id`` at ``seq``."""
+        written = self._written
+        if len(written) >= _WRITTEN_MAX:
+            written.clear()  # a cache: losing it costs one full update per run
+        written[run_id] = (seq, indexed)
 
     # --- reads ---------------------------------------------------------------------------------
 
@@ -432,7 +489,7 @@ class SqlStore:
             params["b_limit"] = max(limit, 0)
         sql = self._sql.listing(status is not None, workflow is not None, wait_kind is not None,
                                 due_before is not None, parent is not None, limit is not None)
-        return [decode_state(row[0]) for row in self._query(sql, params)]
+        return [decode_state(row[0]) for row in self._query(sql, params, planned=True)]
 
     def find_waiting(self, key: str) -> builtins.list[RunState]:
         """WAITING runs whose wait key is ``key``, by run id."""
@@ -452,7 +509,7 @@ class SqlStore:
 
     def last_position(self) -> int:
         """The global position of the last committed record (0: none yet)."""
-        return int(self._query(self._sql.last_position, {})[0][1])
+        return int(self._query(self._sql.last_position, {})[0][0])
 
     # --- leases --------------------------------------------------------------------------------
 

@@ -1,0 +1,741 @@
+"""The SQL store on SQLite and on a real PostgreSQL server.
+
+What this file pins, on both dialects (PostgreSQL is started from Debian's package by
+``tests/pg.py``; with ``CI`` set a missing server is a failure, never a skip):
+
+* the conformance suite of ``wakepoint.stores.conformance``: the state machine against the
+  model (with restarts, crashes and a peer store on the same database), the query, claim and
+  misuse checks, and processes racing to commit and to claim;
+* what the SQL store adds: dense global positions in commit order, threads sharing a store,
+  the SQLite pragmas of each durability mode;
+* the migrations: a database built by the first revision and upgraded equals one built from
+  the metadata; autogenerate finds no difference (``alembic check``); ``upgrade`` is
+  idempotent and four processes upgrading one empty database at once all succeed;
+* bad input - a missing driver, a database newer than the code, someone else's database, an
+  empty one - is a ``StoreError`` that says what to do, and nothing is written;
+* crashes: a process driving 20-node ``call`` workflows is killed with SIGKILL at random
+  moments; ``recover()`` in a fresh process completes every run with one record per
+  transition, and every chain verifies.
+
+Run as a script, the file is the crash test's worker (see ``_crash_main``).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any, ClassVar
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis.stateful import run_state_machine_as_test
+from sqlalchemy import create_engine, inspect
+from sqlalchemy.engine import Engine
+from sqlalchemy.pool import NullPool
+from wakepoint.kernel import transitions
+from wakepoint.kernel.errors import ConflictError, RunExists
+from wakepoint.kernel.types import Status
+from wakepoint.ledger.keys import Signer
+from wakepoint.ledger.records import parse_body, verify_chain
+from wakepoint.migrations import HEAD, revisions, upgrade
+from wakepoint.stores import Store, StoreError, open_store
+from wakepoint.stores.conformance import (
+    COUNTER,
+    QUERY_CHECKS,
+    Harness,
+    StoreMachine,
+    race_claims,
+    race_commits,
+)
+from wakepoint.stores.sql import SqlStore
+from wakepoint.stores.sql_schema import METADATA, REVISIONS, VERSION_TABLE
+
+HERE = Path(__file__).resolve().parent
+
+
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"wakepoint_tests_{name}", HERE / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+pg = _load("pg")
+crash_worker = _load("crash_worker")  # the JSONL crash test's workflow, reused as it is
+
+# --- fixtures ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[Any]:
+    """One throw-away PostgreSQL server for the session (fails in CI if it cannot start)."""
+    why = pg.missing()
+    if why is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL is required in CI: {why}", pytrace=False)
+        pytest.skip(why)
+    server = pg.PgServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+_databases = iter(range(1_000_000))
+
+
+@pytest.fixture
+def pg_url(pg_server: Any) -> Iterator[str]:
+    """The URL of a fresh, empty database on the session's server."""
+    name = f"t{os.getpid()}_{next(_databases)}"
+    url: str = pg_server.create_database(name)
+    yield url
+    pg_server.drop_database(name)
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    """The URL of a SQLite file that does not exist yet."""
+    return f"sqlite:///{tmp_path / 'wp.db'}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request: pytest.FixtureRequest) -> str:
+    """An empty database of each dialect."""
+    fixture = "sqlite_url" if request.param == "sqlite" else "pg_url"
+    return str(request.getfixturevalue(fixture))
+
+
+def _engine(url: str) -> Engine:
+    return create_engine(url, poolclass=NullPool)
+
+
+def _reset(url: str) -> None:
+    """Empty the store's tables (keeping ``wp_meta``'s log_id) for a fresh example."""
+    store = SqlStore(url, durability="none")
+    try:
+        with store._transaction() as cursor:
+            cursor.execute("DELETE FROM wp_records")
+            cursor.execute("DELETE FROM wp_runs")
+            cursor.execute("UPDATE wp_meta SET last_position = 0")
+    finally:
+        store.close()
+
+
+# --- the conformance suite --------------------------------------------------------------------
+
+MACHINE_SETTINGS = settings(
+    max_examples=20,
+    stateful_step_count=25,
+    deadline=None,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+
+class SqliteMachine(StoreMachine):
+    """A fresh SQLite file per example, created by the migrations on first open."""
+
+    durability: ClassVar[str] = "batch"
+
+    def make_store(self) -> Store:
+        return SqlStore(f"sqlite:///{self.tmpdir / 'wp.db'}", durability=self.durability,
+                        upgrade=True)  # type: ignore[arg-type]
+
+
+class SqliteNoneMachine(SqliteMachine):
+    durability = "none"
+
+
+class PgMachine(StoreMachine):
+    """One PostgreSQL database, emptied before each example."""
+
+    url: ClassVar[str] = ""
+
+    def __init__(self) -> None:
+        _reset(self.url)
+        super().__init__()
+
+    def make_store(self) -> Store:
+        return SqlStore(self.url)
+
+
+TestSqliteMachine = SqliteMachine.TestCase
+TestSqliteMachine.settings = MACHINE_SETTINGS
+TestSqliteMachine.__doc__ = (
+    "SQLite (batch) agrees with the model after every step, restart and crash, and with a "
+    "second store object on the same file."
+)
+
+TestSqliteNoneMachine = SqliteNoneMachine.TestCase
+TestSqliteNoneMachine.settings = settings(MACHINE_SETTINGS, max_examples=8)
+TestSqliteNoneMachine.__doc__ = "SQLite with synchronous=OFF keeps every commit a crash leaves."
+
+
+def test_postgresql_machine(pg_url: str) -> None:
+    """PostgreSQL agrees with the model after every step, restart and crash, and with a
+    second store object (another connection) on the same database."""
+    SqlStore(pg_url, upgrade=True).close()
+
+    class Machine(PgMachine):
+        url = pg_url
+
+    run_state_machine_as_test(Machine, settings=settings(MACHINE_SETTINGS, max_examples=12))
+
+
+@pytest.mark.parametrize("check", QUERY_CHECKS, ids=lambda c: c.__name__)
+def test_query_checks(url: str, check: Callable[[Store], None]) -> None:
+    """Each query, claim and misuse check of the conformance suite, on a fresh store."""
+    store = SqlStore(url, upgrade=True)
+    try:
+        check(store)
+    finally:
+        store.close()
+
+
+def test_processes_race_to_commit(url: str) -> None:
+    """Four processes commit the same seq of one run, six rounds: exactly one wins each
+    round, the others get ConflictError, and the ledger is contiguous and verifies."""
+    SqlStore(url, upgrade=True).close()
+    report = race_commits(functools.partial(SqlStore, url), processes=4, rounds=6)
+    assert report.final_seq == 6
+
+
+def test_processes_race_to_claim(url: str) -> None:
+    """Four processes claim from 40 RUNNING runs at once: no run is leased twice, every run
+    is leased (SKIP LOCKED on PostgreSQL, the write lock on SQLite)."""
+    SqlStore(url, upgrade=True).close()
+    claimed = race_claims(functools.partial(SqlStore, url), processes=4, runs=40)
+    assert sum(len(ids) for ids in claimed.values()) == 40
+
+
+# --- what the SQL store adds ------------------------------------------------------------------
+
+
+def _positions(url: str) -> list[tuple[int, str, int]]:
+    engine = _engine(url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.exec_driver_sql(
+                "SELECT position, run_id, seq FROM wp_records ORDER BY position").all()
+    finally:
+        engine.dispose()
+    return [(int(p), str(r), int(s)) for p, r, s in rows]
+
+
+def test_global_positions_are_dense_and_in_commit_order(url: str) -> None:
+    """Every record gets the next global position at commit, from 1 with no gap, also after
+    refused commits (conflict, taken id) and across store objects; ``last_position`` is the
+    last one."""
+    store = SqlStore(url, upgrade=True)
+    other = SqlStore(url)
+    try:
+        h = Harness(store)
+        h2 = Harness(other)
+        order: list[tuple[str, int]] = []
+        for n in range(3):
+            h.start(COUNTER, f"a{n}")
+            order.append((f"a{n}", 0))
+            h2.start(COUNTER, f"b{n}")
+            order.append((f"b{n}", 0))
+        state = h.runs["a0"].state
+        for _ in range(3):
+            h.tick("a0")
+            order.append(("a0", h.runs["a0"].state.seq))
+        stale, records = h.sign(state, transitions.tick(COUNTER, state, h.now))
+        with pytest.raises(ConflictError):
+            store.commit("a0", state.seq, stale, records)
+        with pytest.raises(RunExists):
+            h.start(COUNTER, "b2")
+        h2.tick("b1")
+        order.append(("b1", 1))
+        assert [(r, s) for _, r, s in _positions(url)] == order
+        assert [p for p, _, _ in _positions(url)] == list(range(1, len(order) + 1))
+        assert store.last_position() == other.last_position() == len(order)
+    finally:
+        store.close()
+        other.close()
+
+
+def test_threads_share_one_store(url: str) -> None:
+    """Eight threads driving their own runs through one store object (one connection each)
+    lose nothing: every chain is complete and verifies."""
+    store = SqlStore(url, upgrade=True)
+    h = Harness(store)
+    errors: list[BaseException] = []
+
+    def drive(n: int) -> None:
+        try:
+            local = Harness(store, signer=h.signer)
+            local.start(COUNTER, f"t{n}")
+            for _ in range(20):
+                local.tick(f"t{n}")
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=drive, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert errors == []
+        for n in range(8):
+            records = store.ledger(f"t{n}")
+            assert verify_chain(records, h.signer, log_id=store.log_id) == 21
+            assert store.load(f"t{n}").seq == 20
+        assert store.last_position() == 8 * 21
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize(("durability", "synchronous"),
+                         [("sync", 2), ("batch", 1), ("none", 0)])
+def test_sqlite_durability_pragmas(sqlite_url: str, durability: str, synchronous: int) -> None:
+    """SQLite runs in WAL mode with a busy timeout; ``synchronous`` is FULL for sync, NORMAL
+    for batch and OFF for none; ``flush`` and ``close`` work in every mode."""
+    store = SqlStore(sqlite_url, durability=durability, upgrade=True)  # type: ignore[arg-type]
+    try:
+        conn = store._conn()
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == synchronous
+        assert conn.execute("PRAGMA busy_timeout").fetchone()[0] >= 1000
+        Harness(store).start(COUNTER, "r")
+        store.flush()
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize(("durability", "setting"), [("sync", "on"), ("batch", "off")])
+def test_postgresql_synchronous_commit(pg_url: str, durability: str, setting: str) -> None:
+    """PostgreSQL commits with synchronous_commit off in batch mode (the WAL writer's group
+    commit), on in sync mode; ``flush`` works in both."""
+    store = SqlStore(pg_url, durability=durability, upgrade=True)  # type: ignore[arg-type]
+    try:
+        assert store._conn().execute("SHOW synchronous_commit").fetchone()[0] == setting
+        Harness(store).start(COUNTER, "r")
+        store.flush()
+    finally:
+        store.close()
+
+
+def test_runtime_on_sql_urls(url: str, tmp_path: Path) -> None:
+    """``Runtime`` opens SQL URLs through ``open_store`` and runs a workflow to the end."""
+    from wakepoint import Runtime
+
+    upgrade(url)
+    rt = Runtime(url, [crash_worker.build_workflow()],
+                 functions={"effect": crash_worker.make_effect(tmp_path)},
+                 signer=tmp_path / "key")
+    try:
+        state = rt.start(crash_worker.WORKFLOW_ID, 3, run_id="one")
+        assert state.status is Status.COMPLETED
+        assert state.output == crash_worker.expected_output("one", 3)
+        assert rt.verify("one") == len(crash_worker.expected_trace())
+    finally:
+        rt.close()
+
+
+# --- migrations -------------------------------------------------------------------------------
+
+
+def test_revisions_known_to_the_store_are_alembic_s() -> None:
+    """``sql_schema.REVISIONS`` (what opening a store checks, without loading Alembic) is
+    exactly the migrations' history, oldest first."""
+    assert revisions() == list(REVISIONS)
+    assert REVISIONS[-1] == HEAD
+
+
+def _schema(url: str) -> dict[str, Any]:
+    """Tables, columns, indexes, unique constraints and primary keys, as comparable data."""
+    engine = _engine(url)
+    try:
+        insp = inspect(engine)
+        schema: dict[str, Any] = {}
+        for table in sorted(set(insp.get_table_names()) - {VERSION_TABLE}):
+            schema[table] = {
+                "columns": [
+                    (c["name"], str(c["type"]), c["nullable"], c.get("comment"))
+                    for c in insp.get_columns(table)
+                ],
+                "pk": insp.get_pk_constraint(table)["constrained_columns"],
+                "indexes": sorted(
+                    (i["name"], tuple(i["column_names"]), bool(i["unique"]),
+                     repr(sorted((k, str(v)) for k, v in i.get("dialect_options", {}).items())))
+                    for i in insp.get_indexes(table)
+                ),
+                "unique": sorted(
+                    (u["name"], tuple(u["column_names"]))
+                    for u in insp.get_unique_constraints(table)
+                ),
+                "checks": sorted(c["name"] for c in insp.get_check_constraints(table)),
+            }
+    finally:
+        engine.dispose()
+    return schema
+
+
+def test_migrated_schema_equals_metadata_schema(url: str, request: pytest.FixtureRequest) -> None:
+    """A database built by the first revision and upgraded step by step to head has the same
+    tables, columns, types, indexes and constraints as one built from the metadata."""
+    for revision in REVISIONS:
+        upgrade(url, revision)
+    if url.startswith("sqlite"):
+        other = url.replace("wp.db", "metadata.db")
+    else:
+        other = str(request.getfixturevalue("pg_server").create_database(
+            f"meta{os.getpid()}_{next(_databases)}"))
+    engine = _engine(other)
+    try:
+        METADATA.create_all(engine)
+    finally:
+        engine.dispose()
+    migrated, built = _schema(url), _schema(other)
+    assert set(migrated) == {"wp_meta", "wp_runs", "wp_records"}
+    assert migrated == built
+
+
+def test_autogenerate_finds_no_difference(url: str) -> None:
+    """``alembic check``: comparing the migrated database with the metadata (types, server
+    defaults, indexes, constraints, comments) finds nothing to generate."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    upgrade(url)
+    engine = _engine(url)
+    try:
+        with engine.connect() as conn:
+            context = MigrationContext.configure(conn, opts={
+                "compare_type": True, "compare_server_default": True,
+                "version_table": VERSION_TABLE,
+            })
+            assert compare_metadata(context, METADATA) == []
+    finally:
+        engine.dispose()
+
+
+def test_upgrade_is_idempotent(url: str) -> None:
+    """The first ``upgrade`` creates the schema (it reports no revision before); the second
+    finds head and changes nothing: same log_id, same tables."""
+    assert upgrade(url) is None
+    store = SqlStore(url)
+    log_id = store.log_id
+    store.close()
+    before = _schema(url)
+    assert upgrade(url) == HEAD
+    assert upgrade(url) == HEAD
+    assert _schema(url) == before
+    store = SqlStore(url, upgrade=True)
+    assert store.log_id == log_id
+    store.close()
+
+
+_UPGRADE_AT = """
+import sys, time
+from wakepoint.migrations import upgrade
+url, at = sys.argv[1], float(sys.argv[2])
+time.sleep(max(0.0, at - time.time()))
+print(upgrade(url) or "")
+"""
+
+
+def test_four_processes_upgrade_an_empty_database_at_once(url: str) -> None:
+    """Four processes released at the same instant all upgrade successfully: the lock lets
+    exactly one build the schema, the others find it at head; one ``wp_meta`` row."""
+    at = time.time() + 3.0  # after every interpreter has started and imported wakepoint
+    procs = [subprocess.Popen([sys.executable, "-c", _UPGRADE_AT, url, str(at)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    outcomes = [proc.communicate(timeout=120) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0] * 4, outcomes
+    assert sorted(out.strip() for out, _ in outcomes) == ["", HEAD, HEAD, HEAD], outcomes
+    engine = _engine(url)
+    try:
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("SELECT count(*) FROM wp_meta").scalar() == 1
+    finally:
+        engine.dispose()
+
+
+# --- bad input: a clear error and nothing written ---------------------------------------------
+
+
+def _fingerprint(url: str) -> Any:
+    """What could change if something were written: the SQLite files' bytes, or the tables
+    and their row counts on PostgreSQL."""
+    if url.startswith("sqlite"):
+        path = Path(url.removeprefix("sqlite:///"))
+        return sorted(
+            (p.name, hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in path.parent.iterdir() if p.name.startswith(path.name)
+        )
+    engine = _engine(url)
+    try:
+        with engine.connect() as conn:
+            tables = sorted(inspect(conn).get_table_names())
+            return [(t, conn.exec_driver_sql(f'SELECT count(*) FROM "{t}"').scalar())
+                    for t in tables]
+    finally:
+        engine.dispose()
+
+
+def test_missing_sqlite_file_is_not_created(sqlite_url: str) -> None:
+    """Opening a SQLite URL whose file does not exist says how to create it, and creates
+    nothing."""
+    with pytest.raises(StoreError, match=r"no database file .* wakepoint db upgrade"):
+        SqlStore(sqlite_url)
+    assert list(Path(sqlite_url.removeprefix("sqlite:///")).parent.iterdir()) == []
+
+
+def test_empty_database_needs_an_upgrade(url: str) -> None:
+    """An empty database (here: an empty SQLite file) is refused with the command to run,
+    and nothing is written; ``upgrade=True`` then creates the schema."""
+    if url.startswith("sqlite"):
+        Path(url.removeprefix("sqlite:///")).touch()
+    before = _fingerprint(url)
+    with pytest.raises(StoreError, match=r"no wakepoint tables.*db upgrade.*upgrade=True"):
+        SqlStore(url)
+    assert _fingerprint(url) == before
+    SqlStore(url, upgrade=True).close()
+
+
+def _foreign(url: str) -> None:
+    engine = _engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)")
+            conn.exec_driver_sql("INSERT INTO users VALUES (1, 'ada')")
+    finally:
+        engine.dispose()
+
+
+def test_someone_elses_database_is_refused(url: str) -> None:
+    """A database with tables but no wakepoint schema is 'not a wakepoint database', even
+    with upgrade=True and for ``upgrade()``; nothing is written."""
+    _foreign(url)
+    before = _fingerprint(url)
+    for attempt in (lambda: SqlStore(url), lambda: SqlStore(url, upgrade=True),
+                    lambda: upgrade(url)):
+        with pytest.raises(StoreError, match=r"not a wakepoint database: it has tables \(users\)"):
+            attempt()
+        assert _fingerprint(url) == before
+
+
+def test_database_newer_than_the_code_is_refused(url: str) -> None:
+    """A database at a revision this code does not know says the code is older than the
+    database, for opening (with or without upgrade) and for ``upgrade()``; nothing is
+    written."""
+    upgrade(url)
+    engine = _engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f"UPDATE {VERSION_TABLE} SET version_num = '9999_future'")
+    finally:
+        engine.dispose()
+    before = _fingerprint(url)
+    for attempt in (lambda: SqlStore(url), lambda: SqlStore(url, upgrade=True),
+                    lambda: upgrade(url)):
+        with pytest.raises(StoreError, match=r"'9999_future'.*code is older than the database"):
+            attempt()
+        assert _fingerprint(url) == before
+
+
+def test_missing_driver_names_the_extra(tmp_path: Path) -> None:
+    """Without psycopg installed, a PostgreSQL URL is a StoreError naming the driver and
+    ``pip install 'wakepoint[postgres]'`` (checked in a process where psycopg cannot be
+    imported)."""
+    code = (
+        "import sys; sys.modules['psycopg'] = None\n"
+        "from wakepoint.stores import open_store, StoreError\n"
+        "try:\n"
+        "    open_store('postgresql+psycopg://u@/db?host=/nonexistent')\n"
+        "except StoreError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True, cwd=tmp_path).stdout
+    assert "psycopg driver is not installed" in out
+    assert "pip install 'wakepoint[postgres]'" in out
+
+
+@pytest.mark.parametrize(("bad", "says"), [
+    ("sqlite://", "in-memory SQLite"),
+    ("sqlite:///:memory:", "in-memory SQLite"),
+    ("postgresql+psycopg2://u@h/db", "psycopg 3"),
+    ("postgresql+asyncpg://u@h/db", "psycopg 3"),
+])
+def test_unsupported_urls(bad: str, says: str) -> None:
+    """URLs the SQL store cannot serve are refused before anything is connected."""
+    with pytest.raises(StoreError, match=says):
+        open_store(bad)
+
+
+def test_durability_is_checked(sqlite_url: str) -> None:
+    """An unknown durability mode is a StoreError naming the valid ones."""
+    with pytest.raises(StoreError, match="durability must be one of"):
+        SqlStore(sqlite_url, durability="fast", upgrade=True)  # type: ignore[arg-type]
+
+
+# --- crashes: SIGKILL at random moments, then recover() in a fresh process ----------------------
+
+CRASH_ROUNDS = 10
+CRASH_RUNS = 3
+
+
+def _crash_main(argv: list[str]) -> int:
+    """``test_sql_store.py crash URL DIR --round R [--linger | --recover]``: the worker the
+    crash test kills (start ``CRASH_RUNS`` runs, print ``ready`` then ``done``) or the process
+    that recovers after it (prints a JSON report).  Logging goes to stderr."""
+    import argparse
+    import logging
+
+    import structlog
+    from wakepoint import RunNotFound, Runtime
+
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )
+    parser = argparse.ArgumentParser()
+    parser.add_argument("url")
+    parser.add_argument("root", type=Path)
+    parser.add_argument("--round", type=int, required=True, dest="round_no")
+    parser.add_argument("--recover", action="store_true")
+    parser.add_argument("--linger", action="store_true")
+    args = parser.parse_args(argv)
+    rt = Runtime(SqlStore(args.url), [crash_worker.build_workflow()],
+                 functions={"effect": crash_worker.make_effect(args.root)},
+                 signer=args.root / "signer.key")
+    ids = crash_worker.run_ids(args.round_no, CRASH_RUNS)
+    if not args.recover:
+        print("ready", flush=True)
+        for index, run_id in enumerate(ids):
+            rt.start(crash_worker.WORKFLOW_ID, index, run_id=run_id)
+        print("done", flush=True)
+        if args.linger:
+            sys.stdin.read()
+        rt.close()
+        return 0
+    before = crash_worker.statuses(rt, ids)
+    rt.recover()
+    for index, run_id in enumerate(ids):
+        try:
+            rt.get(run_id)
+        except RunNotFound:
+            rt.start(crash_worker.WORKFLOW_ID, index, run_id=run_id)
+    report = {"before": before, "after": crash_worker.statuses(rt, ids),
+              "pending": crash_worker.pending(rt)}
+    rt.close()
+    print(json.dumps(report), flush=True)
+    return 0
+
+
+def _spawn(url: str, root: Path, round_no: int, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, __file__, "crash", url, str(root), "--round", str(round_no), *extra],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def _line(proc: subprocess.Popen[str], word: str) -> None:
+    assert proc.stdout is not None
+    line = proc.stdout.readline().strip()
+    if line != word:
+        proc.kill()
+        _, err = proc.communicate(timeout=30)
+        raise AssertionError(f"worker said {line!r}, expected {word!r}; stderr:\n{err}")
+
+
+def _recover(url: str, root: Path, round_no: int) -> dict[str, Any]:
+    proc = _spawn(url, root, round_no, "--recover")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, f"recover failed:\n{err}"
+    report: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return report
+
+
+def _check_crash_round(url: str, root: Path, round_no: int) -> None:
+    """Every run completed with its output; one record per transition, in the workflow's
+    order; each call requested and resolved once; the chain verifies with the key file;
+    the global positions are dense."""
+    signer = Signer.load(root / "signer.key")
+    trace = crash_worker.expected_trace()
+    store = SqlStore(url)
+    try:
+        requested: Counter[str] = Counter()
+        for index, run_id in enumerate(crash_worker.run_ids(round_no, CRASH_RUNS)):
+            state = store.load(run_id)
+            assert state.status is Status.COMPLETED, (run_id, state.status, state.error)
+            assert state.output == crash_worker.expected_output(run_id, index)
+            records = store.ledger(run_id)
+            assert verify_chain(records, signer, log_id=store.log_id) == len(records)
+            bodies = [parse_body(r.body) for r in records]
+            assert [(b.kind, b.node) for b in bodies] == trace, run_id
+            assert len(bodies) == state.step == state.seq + 1
+            requested.update(b.key for b in bodies if b.kind == "effect.requested" and b.key)
+        assert set(requested.values()) == {1}
+        positions = [p for p, _, _ in _positions(url)]
+        assert positions == list(range(1, len(positions) + 1))
+    finally:
+        store.close()
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_recover(url: str, tmp_path: Path) -> None:
+    """Ten SIGKILLs of a process driving 20-node ``call`` workflows on the store, at random
+    moments (start-up, mid-work, after it finished); after ``recover()`` in fresh processes
+    every run completes with every transition recorded exactly once and chains verify."""
+    upgrade(url)
+    rng = random.Random(4)
+    moments: Counter[str] = Counter()
+    for round_no in range(CRASH_ROUNDS):
+        root = tmp_path / f"round-{round_no}"
+        root.mkdir()
+        moment = rng.choices(["startup", "working", "after"], weights=[1, 8, 1])[0]
+        t0 = time.monotonic()
+        proc = _spawn(url, root, round_no, "--linger")
+        if moment == "startup":
+            time.sleep(rng.uniform(0, 0.5))
+        else:
+            _line(proc, "ready")
+            if moment == "working":
+                # The worker needs roughly 10-60 ms per run here; kill inside that window.
+                time.sleep(rng.uniform(0, 0.05 * CRASH_RUNS))
+            else:
+                _line(proc, "done")
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+        report = _recover(url, root, round_no)
+        state_before = set(report["before"].values())
+        moments[f"{moment}: {sorted(map(str, state_before))}"] += 1
+        for _ in range(2):
+            if not report["pending"]:
+                break
+            report = _recover(url, root, round_no)
+        assert report["pending"] == [], report
+        assert set(report["after"].values()) == {"completed"}, report
+        _check_crash_round(url, root, round_no)
+        assert time.monotonic() - t0 < 60
+    print(dict(moments))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "crash":
+        sys.exit(_crash_main(sys.argv[2:]))
+    sys.exit(f"usage: {sys.argv[0]} crash URL DIR --round R [--linger | --recover]")
+
