@@ -34,19 +34,23 @@ Choices, and why:
   in-process part; readers take no lock.  Acquiring a file lock costs far more than a commit
   (~150 us against ~10 us), so ``hold(run_id)`` takes it once for a whole series of commits
   by this process; the runtime drives each run inside one.  Under the lock a commit checks
-  its cached ``(size, mtime, state)`` against ``os.fstat`` and re-reads the last line only
-  when another process appended.  ``claim`` does not wait for a run another worker is
-  writing: it skips it, as ``FOR UPDATE SKIP LOCKED`` would.  Open append fds live in a
-  bounded LRU (``max_open``); an fd in use is never evicted.
+  its cached ``(size, state)`` against one ``os.fstat`` and re-reads the last line only when
+  another process appended.  The size alone is a sound check because complete lines are
+  never rewritten (see ``_Snap.still``); the same cache serves ``load`` and ``list``.
+  ``claim`` does not wait for a run another worker is writing: it skips it, as ``FOR UPDATE
+  SKIP LOCKED`` would.  Open append fds live in a bounded LRU (``max_open``); an fd in use
+  is never evicted.
 * **Durability.**  ``sync``: fsync after each commit (and of ``runs/`` after a new file).
-  ``batch`` (default): group commit; pending files are fsynced once ``batch_commits`` commits
-  are pending or ``batch_ms`` has passed since the first one (checked on commit, and by a
-  daemon thread that wakes ``batch_ms`` after the first pending commit), so a crash loses at
-  most that window.  ``none``: never fsyncs by itself.  ``flush()`` fsyncs everything pending
-  in every mode; ``close()`` flushes in ``sync`` and ``batch``.  Leases are not fsynced: a
-  lease lost in a power cut only lets another worker claim the run sooner, which the
-  at-least-once contract allows.  A failed background fsync is raised by the next commit,
-  ``flush`` or ``close``.
+  ``batch`` (default): group commit.  Each commit checks whether ``batch_commits`` commits
+  are pending or ``batch_ms`` has passed since the first one; the fsync itself runs on a
+  daemon flusher thread (woken then, or ``batch_ms`` after the first pending commit), so a
+  committer never waits for the disk unless the flusher falls ``_BACKLOG`` batches behind.
+  A crash loses at most the commits of the current window (about ``batch_ms`` plus one
+  fsync).  ``none``: never fsyncs by itself.  ``flush()`` fsyncs everything pending in every
+  mode; ``close()`` flushes in ``sync`` and ``batch``.  Leases are not fsynced: a lease lost
+  in a power cut only lets another worker claim the run sooner, which the at-least-once
+  contract allows.  A failed background fsync is raised by the next commit, ``flush`` or
+  ``close``.
 * **Torn last line.**  A crash mid-write leaves a last line without ``\\n``.  Readers ignore
   it; the next writer, under the lock, truncates the file back to the last ``\\n`` before it
   appends, so its line never glues onto the garbage.  A file with no complete line at all is
@@ -72,6 +76,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, suppress
 from datetime import datetime, timedelta
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import NamedTuple
@@ -306,7 +311,7 @@ class JsonlStore:
         self._pending = 0
         self._first_pending = 0.0
         self._closed = False
-        self._error: OSError | None = None  # a failed background fsync, raised at next call
+        self._error: Exception | None = None  # a failed background fsync, raised at next call
         # Flushes are serialized so that ``flush()`` returns only after every commit that
         # returned before it is on disk, even when the flusher thread started the fsync.
         self._sync_lock = threading.Lock()
@@ -345,11 +350,23 @@ class JsonlStore:
                 # link() fails if the name exists, so the first creator wins and every
                 # process then reads the same complete file (never a half-written one).
                 os.link(tmp, target)
-                self._fsync_dir(str(self.path))
             except FileExistsError:
                 pass
+            except OSError:
+                # No hard links here (some network or FUSE file systems): an exclusive
+                # create still lets one creator win; its single small write is all or nothing
+                # in practice.
+                with suppress(FileExistsError):
+                    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                                 0o644)
+                    try:
+                        os.write(fd, data + b"\n")
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
             finally:
                 tmp.unlink()
+            self._fsync_dir(str(self.path))
         try:
             found = _log_decoder.decode(target.read_bytes()).log_id
         except ValueError as exc:
@@ -368,11 +385,12 @@ class JsonlStore:
                 if self._closed:
                     raise StoreError(f"{self!r} is closed")
                 run = self._runs[run_id] = _Run(run_id, file_name(run_id), self.path)
+                run.users = 1  # pinned before evicting, or it could evict itself
                 if len(self._runs) > self._max_open:
                     self._evict()
             else:
                 self._runs.move_to_end(run_id)
-            run.users += 1
+                run.users += 1
             return run
 
     def _checkin(self, run: _Run) -> None:
@@ -384,7 +402,13 @@ class JsonlStore:
         # than ``max_open`` runs are in use at once.  A dirty file closed here stays in
         # ``_dirty`` and is reopened by path to be fsynced.
         excess = len(self._runs) - self._max_open
-        for run in [r for r in self._runs.values() if r.users == 0][:excess]:
+        idle: builtins.list[_Run] = []
+        for run in self._runs.values():  # oldest first
+            if len(idle) >= excess:
+                break
+            if run.users == 0:
+                idle.append(run)
+        for run in idle:
             del self._runs[run.run_id]
             if run.fd is not None:
                 os.close(run.fd)
@@ -573,7 +597,7 @@ class JsonlStore:
                     return
             try:
                 self._flush()
-            except OSError as exc:
+            except Exception as exc:  # kept for the next caller; the thread must live on
                 with self._lock:
                     self._error = exc
 
@@ -632,7 +656,10 @@ class JsonlStore:
         self._flush()
 
     def close(self) -> None:
-        """Stop the flusher, flush (``sync``/``batch``) and close every fd; idempotent."""
+        """Stop the flusher, flush (``sync``/``batch``) and close every fd; idempotent.
+
+        With ``durability="none"`` nothing is fsynced; call ``flush()`` first to change that.
+        """
         with self._lock:
             if self._closed:
                 return
@@ -721,7 +748,7 @@ class JsonlStore:
                 if not raw.endswith(b"\n"):
                     break  # torn last line: a commit that never returned
                 complete = True
-                _, found = _decode_line(raw[:-1], path, number.__int__, run_id)
+                _, found = _decode_line(raw[:-1], path, partial(int, number), run_id)
                 records.extend(found)
         if not complete:
             raise RunNotFound(run_id)
@@ -746,9 +773,10 @@ class JsonlStore:
                     snap = self._read_snap(entry.path, name, run_id_of(name))
                 if snap is not None and snap.state is not None:
                     states.append(snap.state)
-        with self._lock:
-            for name in self._snaps.keys() - seen:
-                del self._snaps[name]
+        # Forget files that disappeared (removed by hand); list() copies the keys atomically,
+        # since other threads add entries without taking ``_lock``.
+        for name in [n for n in list(self._snaps) if n not in seen]:
+            self._snaps.pop(name, None)
         return states
 
     def list(
