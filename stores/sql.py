@@ -53,7 +53,8 @@ from typing import Any
 from sqlalchemy import bindparam, func, literal_column, null, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Engine
-from sqlalchemy.sql import Executable
+from sqlalchemy.sql import ClauseElement, ColumnElement
+from sqlalchemy.sql.elements import ColumnClause
 
 from ..kernel.codec import decode_state, encode_state
 from ..kernel.errors import ConflictError, CorruptStore, RunExists, RunNotFound
@@ -65,10 +66,10 @@ from .sql_schema import WP_META, WP_RECORDS, WP_RUNS, to_us
 
 # Constants are rendered into the SQL (not bound) so that SQLite and PostgreSQL can match the
 # partial index ``status = 'waiting'`` when planning.
-_WAITING = literal_column(f"'{Status.WAITING.value}'")
-_RUNNING = literal_column(f"'{Status.RUNNING.value}'")
-_ONE = literal_column("1")
-_ZERO = literal_column("0")  # an explicit OFFSET 0: SQLite's compiler would bind one
+_WAITING: ColumnClause[str] = literal_column(f"'{Status.WAITING.value}'")
+_RUNNING: ColumnClause[str] = literal_column(f"'{Status.RUNNING.value}'")
+_ONE: ColumnClause[int] = literal_column("1")
+_ZERO: ColumnClause[int] = literal_column("0")  # OFFSET 0: SQLite's compiler would bind one
 
 _WRITTEN_MAX = 10_000
 """Runs whose last written indexed columns the store remembers (see "Speed" above)."""
@@ -133,8 +134,10 @@ class _Statements:
             .values(last_position=meta.last_position + b("b_count"))
             .returning(meta.last_position)
         )
-        record = {"run_id": b("b_run_id"), "seq": b("b_seq"), "key_id": b("b_key_id"),
-                  "body": b("b_body"), "sig": b("b_sig"), "record_hash": b("b_hash")}
+        record: dict[str, ColumnElement[Any]] = {
+            "run_id": b("b_run_id"), "seq": b("b_seq"), "key_id": b("b_key_id"),
+            "body": b("b_body"), "sig": b("b_sig"), "record_hash": b("b_hash"),
+        }
         # NULL into SQLite's INTEGER PRIMARY KEY is "the next rowid".
         record["position"] = null() if self.rowid_positions else b("b_position")
         self.append = self._sql(WP_RECORDS.insert().values(**record))
@@ -180,7 +183,7 @@ class _Statements:
         self._lists: dict[tuple[bool, ...], str] = {}
         self._sqlite = engine.dialect.name == "sqlite"
 
-    def _sql(self, statement: Executable) -> str:
+    def _sql(self, statement: ClauseElement) -> str:
         return str(statement.compile(dialect=self._dialect))
 
     def listing(
