@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
@@ -34,6 +35,7 @@ from sqlalchemy.engine import URL, Engine
 
 from ..stores.base import StoreError
 from ..stores.sql_engine import (
+    DatabaseState,
     inspect_database,
     make_engine,
     parse_url,
@@ -85,21 +87,17 @@ def upgrade(target: str | URL | Engine, revision: str = "head") -> str | None:
     owned = not isinstance(target, Engine)
     engine = make_engine(parse_url(target), "sync") if not isinstance(target, Engine) else target
     shown = show(engine.url)
-    backend = engine.url.get_backend_name()
+    path = sqlite_path(engine.url)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
     try:
+        # Look first, without the lock: refusing or finding nothing to do writes nothing,
+        # not even the lock file.
+        before = _inspect(engine, shown, wal=False)
+        if before.current and revision in ("head", HEAD):
+            return before.revision
         with _migration_lock(engine):
-            raw = engine.raw_connection()
-            try:
-                driver = raw.driver_connection
-                if backend == "postgresql":
-                    driver.autocommit = True  # type: ignore[union-attr]
-                before = inspect_database(driver, backend)
-                refuse_foreign(before, shown)
-                if backend == "sqlite":
-                    # Persistent, and not allowed inside a transaction: set it here.
-                    driver.execute("PRAGMA journal_mode = WAL")  # type: ignore[union-attr]
-            finally:
-                raw.close()
+            before = _inspect(engine, shown, wal=True)  # again: another process may have won
             if before.current and revision in ("head", HEAD):
                 return before.revision
             config = alembic_config()
@@ -112,6 +110,24 @@ def upgrade(target: str | URL | Engine, revision: str = "head") -> str | None:
             engine.dispose()
 
 
+def _inspect(engine: Engine, shown: str, *, wal: bool) -> DatabaseState:
+    """What the database holds (``StoreError`` for a foreign or newer one); with ``wal``,
+    switch a SQLite database to WAL mode (persistent, and not allowed in a transaction)."""
+    backend = engine.url.get_backend_name()
+    raw = engine.raw_connection()
+    try:
+        driver: Any = raw.driver_connection
+        if backend == "postgresql":
+            driver.autocommit = True
+        state = inspect_database(driver, backend)
+        refuse_foreign(state, shown)
+        if wal and backend == "sqlite":
+            driver.execute("PRAGMA journal_mode = WAL")
+        return state
+    finally:
+        raw.close()
+
+
 @contextmanager
 def _migration_lock(engine: Engine) -> Iterator[None]:
     """Hold the database's migration lock (see the module header)."""
@@ -120,7 +136,6 @@ def _migration_lock(engine: Engine) -> Iterator[None]:
         if path is not None:
             from filelock import FileLock
 
-            path.parent.mkdir(parents=True, exist_ok=True)
             stack.enter_context(FileLock(f"{path}.migrate.lock", timeout=600))
             yield
             return

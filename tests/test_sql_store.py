@@ -497,7 +497,7 @@ def _fingerprint(url: str) -> Any:
 def test_missing_sqlite_file_is_not_created(sqlite_url: str) -> None:
     """Opening a SQLite URL whose file does not exist says how to create it, and creates
     nothing."""
-    with pytest.raises(StoreError, match=r"no database file .* wakepoint db upgrade"):
+    with pytest.raises(StoreError, match=r"no database file .*wakepoint db upgrade"):
         SqlStore(sqlite_url)
     assert list(Path(sqlite_url.removeprefix("sqlite:///")).parent.iterdir()) == []
 
