@@ -257,6 +257,7 @@ class SqlStore:
         self.durability: Durability = durability
         self._shown = show(self.url)
         self._backend = self.url.get_backend_name()
+        self._begin_sql = "BEGIN IMMEDIATE" if self._backend == "sqlite" else "BEGIN"
         path = sqlite_path(self.url)
         if path is not None and not upgrade and not path.exists():
             raise StoreError(
@@ -333,42 +334,56 @@ class SqlStore:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             return
-        self._local.conn = None
+        self._local.conn = self._local.cursor = None
         with suppress(Exception):  # it is broken already; we only free it
             conn.close()
 
-    @contextmanager
-    def _transaction(self) -> Iterator[Any]:
-        """A write transaction on this thread's connection; yields a cursor."""
-        conn = self._conn()
-        cursor = conn.cursor()
-        begin = "BEGIN IMMEDIATE" if self._backend == "sqlite" else "BEGIN"
+    def _cursor(self) -> Any:
+        """This thread's cursor (one per connection, reused: every statement is read out
+        with ``fetchall``/``fetchone`` before the next)."""
+        cursor = getattr(self._local, "cursor", None)
+        if cursor is None or self._generation != _fork_generation:
+            cursor = self._local.cursor = self._conn().cursor()
+        return cursor
+
+    def _begin(self) -> Any:
+        """Start a write transaction (SQLite: take the write lock now); returns the cursor."""
+        cursor = self._cursor()
         try:
-            cursor.execute(begin)
+            cursor.execute(self._begin_sql)
         except self._dbapi.Error:
             self._discard()
             raise
+        return cursor
+
+    def _end(self, cursor: Any) -> None:
+        try:
+            cursor.execute("COMMIT")
+        except self._dbapi.Error:
+            # The outcome is unknown (the connection may have died mid-commit); a retry
+            # reloads and finds out through the seq check.
+            self._discard()
+            raise
+
+    def _abort(self, cursor: Any, exc: BaseException) -> None:
+        try:
+            cursor.execute("ROLLBACK")
+        except Exception:
+            self._discard()
+        else:
+            if isinstance(exc, self._dbapi.OperationalError | self._dbapi.InterfaceError):
+                self._discard()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Any]:
+        """A write transaction on this thread's connection; yields its cursor."""
+        cursor = self._begin()
         try:
             yield cursor
         except BaseException as exc:
-            try:
-                cursor.execute("ROLLBACK")
-            except Exception:
-                self._discard()
-            else:
-                if isinstance(exc, self._dbapi.OperationalError | self._dbapi.InterfaceError):
-                    self._discard()
+            self._abort(cursor, exc)
             raise
-        else:
-            try:
-                cursor.execute("COMMIT")
-            except self._dbapi.Error:
-                # The outcome is unknown (the connection may have died mid-commit); a retry
-                # reloads and finds out through the seq check.
-                self._discard()
-                raise
-        finally:
-            cursor.close()
+        self._end(cursor)
 
     def _query(
         self, sql: str, params: Mapping[str, Any], *, planned: bool = False
@@ -378,7 +393,7 @@ class SqlStore:
         ``planned``: PostgreSQL plans the statement for these very values instead of reusing
         a prepared, generic plan (which cannot know how selective ``due <= $1`` is).
         """
-        cursor = self._conn().cursor()
+        cursor = self._cursor()
         try:
             if planned and self._backend == "postgresql":
                 cursor.execute(sql, params, prepare=False)
@@ -388,8 +403,6 @@ class SqlStore:
         except (self._dbapi.OperationalError, self._dbapi.InterfaceError):
             self._discard()
             raise
-        finally:
-            cursor.close()
 
     # --- writes --------------------------------------------------------------------------------
 
@@ -422,11 +435,16 @@ class SqlStore:
         params["b_workflow"] = state.workflow
         params["b_parent"] = None if state.parent is None else state.parent.run_id
         params["b_created_at"] = to_us(state.created_at)
-        with self._transaction() as cursor:
+        cursor = self._begin()
+        try:
             cursor.execute(self._sql.create, params)
             if cursor.rowcount != 1:
                 raise RunExists(state.run_id)
             self._append(cursor, records)
+        except BaseException as exc:
+            self._abort(cursor, exc)
+            raise
+        self._end(cursor)
         self._wrote(state.run_id, state.seq, indexed)
 
     def commit(
@@ -439,7 +457,8 @@ class SqlStore:
         params["b_run_id"] = run_id
         params["b_expected"] = expected_seq
         same = self._written.get(run_id) == (expected_seq, indexed)
-        with self._transaction() as cursor:
+        cursor = self._begin()
+        try:
             cursor.execute(self._sql.update_state if same else self._sql.update, params)
             if cursor.rowcount != 1:
                 cursor.execute(self._sql.seq, {"b_run_id": run_id})
@@ -448,6 +467,10 @@ class SqlStore:
                     raise RunNotFound(run_id)
                 raise ConflictError(run_id, expected_seq, int(row[0]))
             self._append(cursor, records)
+        except BaseException as exc:
+            self._abort(cursor, exc)
+            raise
+        self._end(cursor)
         self._wrote(run_id, state.seq, indexed)
 
     def _wrote(self, run_id: str, seq: int, indexed: _Indexed) -> None:
@@ -545,24 +568,29 @@ class SqlStore:
     def flush(self) -> None:
         """Make every commit that returned durable now, whatever the durability mode.
 
-        SQLite: fsync the WAL file (every returned commit has been written to it; the database
-        file is fsynced by each checkpoint).  PostgreSQL: commit a transaction that has a
-        transaction id with ``synchronous_commit = on``; it returns once the WAL is flushed up
-        to its commit record, which lies after every earlier commit's.
+        SQLite: fsync the WAL file and its directory (every returned commit has been written
+        to the WAL; the database file is fsynced by each checkpoint).  PostgreSQL: commit a
+        transaction that has a transaction id with ``synchronous_commit = on``; it returns
+        once the WAL is flushed up to its commit record, which lies after every earlier
+        commit's.
         """
         if self._closed:
             return
         if self._backend == "sqlite":
             path = sqlite_path(self.url)
             assert path is not None
-            try:
-                fd = os.open(f"{path}-wal", os.O_RDONLY)
-            except FileNotFoundError:
-                return  # no WAL: everything is in the (checkpointed, fsynced) database file
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            # The WAL file, then its directory entry (SQLite does not fsync the directory
+            # when it creates the WAL).  No WAL: everything is in the checkpointed file.
+            for target, flags in ((f"{path}-wal", os.O_RDONLY),
+                                  (str(path.parent or "."), os.O_RDONLY | os.O_DIRECTORY)):
+                try:
+                    fd = os.open(target, flags)
+                except FileNotFoundError:
+                    return
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
             return
         with self._transaction() as cursor:
             cursor.execute("SET LOCAL synchronous_commit TO on")
