@@ -61,7 +61,15 @@ from ..kernel.errors import ConflictError, CorruptStore, RunExists, RunNotFound
 from ..kernel.types import RunState, Status
 from ..ledger.records import Record
 from .base import Durability, StoreError, check_append, no_hold
-from .sql_engine import inspect_database, make_engine, parse_url, require_current, show, sqlite_path
+from .sql_engine import (
+    SqliteCheckpointer,
+    inspect_database,
+    make_engine,
+    parse_url,
+    require_current,
+    show,
+    sqlite_path,
+)
 from .sql_schema import WP_META, WP_RECORDS, WP_RUNS, to_us
 
 # Constants are rendered into the SQL (not bound) so that SQLite and PostgreSQL can match the
@@ -271,6 +279,7 @@ class SqlStore:
         self._generation = _fork_generation
         self._closed = False
         self._written: dict[str, tuple[int, _Indexed]] = {}
+        self._checkpointer: SqliteCheckpointer | None = None
         self._dbapi: Any = self._engine.dialect.loaded_dbapi
         try:
             self.log_id = self._open(upgrade)
@@ -445,6 +454,7 @@ class SqlStore:
             self._abort(cursor, exc)
             raise
         self._end(cursor)
+        self._committed()
         self._wrote(state.run_id, state.seq, indexed)
 
     def commit(
@@ -471,7 +481,22 @@ class SqlStore:
             self._abort(cursor, exc)
             raise
         self._end(cursor)
+        self._committed()
         self._wrote(run_id, state.seq, indexed)
+
+    def _committed(self) -> None:
+        """Tell SQLite's checkpointer (started on the first commit) that the WAL grew."""
+        if self._backend != "sqlite":
+            return
+        checkpointer = self._checkpointer
+        if checkpointer is None or self._generation != _fork_generation:
+            with self._lock:
+                if self._closed:
+                    return
+                if self._checkpointer is None or self._generation != _fork_generation:
+                    self._checkpointer = SqliteCheckpointer(self._engine)
+                checkpointer = self._checkpointer
+        checkpointer.note()
 
     def _wrote(self, run_id: str, seq: int, indexed: _Indexed) -> None:
         """Remember the indexed columns this store committed for ``run_id`` at ``seq``."""
@@ -603,7 +628,11 @@ class SqlStore:
         try:
             self.flush()
         finally:
-            self._closed = True
+            with self._lock:
+                self._closed = True
+                checkpointer, self._checkpointer = self._checkpointer, None
+            if checkpointer is not None and self._generation == _fork_generation:
+                checkpointer.stop()
             self._close_connections()
             self._engine.dispose()
 
