@@ -329,6 +329,7 @@ class SqlStore:
             self._local = local = threading.local()
             _inherited.extend(self._connections)
             self._connections = []
+            self._checkpointer = None  # its thread did not survive the fork
         proxy = self._engine.raw_connection()
         conn = proxy.driver_connection
         if self._backend == "postgresql":
@@ -489,11 +490,11 @@ class SqlStore:
         if self._backend != "sqlite":
             return
         checkpointer = self._checkpointer
-        if checkpointer is None or self._generation != _fork_generation:
+        if checkpointer is None:
             with self._lock:
                 if self._closed:
                     return
-                if self._checkpointer is None or self._generation != _fork_generation:
+                if self._checkpointer is None:
                     self._checkpointer = SqliteCheckpointer(self._engine)
                 checkpointer = self._checkpointer
         checkpointer.note()
@@ -631,7 +632,7 @@ class SqlStore:
             with self._lock:
                 self._closed = True
                 checkpointer, self._checkpointer = self._checkpointer, None
-            if checkpointer is not None and self._generation == _fork_generation:
+            if checkpointer is not None:
                 checkpointer.stop()
             self._close_connections()
             self._engine.dispose()
