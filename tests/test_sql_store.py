@@ -315,8 +315,28 @@ def test_sqlite_durability_pragmas(sqlite_url: str, durability: str, synchronous
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert conn.execute("PRAGMA synchronous").fetchone()[0] == synchronous
         assert conn.execute("PRAGMA busy_timeout").fetchone()[0] >= 1000
+        assert conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
         Harness(store).start(COUNTER, "r")
         store.flush()
+    finally:
+        store.close()
+
+
+def test_sqlite_checkpoints_in_the_background(sqlite_url: str) -> None:
+    """Commits never checkpoint themselves; the store's checkpointer thread copies the WAL
+    into the database file within about a second, while the store stays open."""
+    store = SqlStore(sqlite_url, upgrade=True)
+    db = Path(sqlite_url.removeprefix("sqlite:///"))
+    try:
+        h = Harness(store)
+        size = db.stat().st_size
+        for n in range(100):
+            h.start(COUNTER, f"r{n}")
+        assert db.stat().st_size == size  # everything is still in the WAL
+        deadline = time.monotonic() + 10
+        while db.stat().st_size == size and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert db.stat().st_size > size
     finally:
         store.close()
 
