@@ -106,7 +106,12 @@ Index(
     sqlite_where=text("status = 'waiting'"),
     postgresql_where=text("status = 'waiting'"),
 )
-Index("ix_wp_runs_due", WP_RUNS.c.due)  # list(due_before=...), claim of overdue waits
+# Partial: most runs have no deadline and no parent, and then cost these indexes nothing.
+# ``due <= ?`` implies ``due IS NOT NULL`` for both planners.
+Index(  # list(due_before=...), claim of overdue waits
+    "ix_wp_runs_due", WP_RUNS.c.due,
+    sqlite_where=text("due IS NOT NULL"), postgresql_where=text("due IS NOT NULL"),
+)
 Index(  # list(status=..., workflow=..., limit=...) in (created_at, run_id) order; claim
     "ix_wp_runs_status_workflow",
     WP_RUNS.c.status, WP_RUNS.c.workflow, WP_RUNS.c.created_at, WP_RUNS.c.run_id,
@@ -115,7 +120,10 @@ Index(  # list(status=..., limit=...) and list(limit=...) in (created_at, run_id
     "ix_wp_runs_status_created", WP_RUNS.c.status, WP_RUNS.c.created_at, WP_RUNS.c.run_id,
 )
 Index("ix_wp_runs_created", WP_RUNS.c.created_at, WP_RUNS.c.run_id)
-Index("ix_wp_runs_parent", WP_RUNS.c.parent)  # list(parent=...): children of a run
+Index(  # list(parent=...): the children of a run
+    "ix_wp_runs_parent", WP_RUNS.c.parent,
+    sqlite_where=text("parent IS NOT NULL"), postgresql_where=text("parent IS NOT NULL"),
+)
 
 WP_RECORDS = Table(
     "wp_records",

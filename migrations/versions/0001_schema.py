@@ -64,12 +64,16 @@ def upgrade() -> None:
     op.create_index("ix_wp_runs_waiting_key", "wp_runs", ["wait_key"],
                     sqlite_where=sa.text("status = 'waiting'"),
                     postgresql_where=sa.text("status = 'waiting'"))
-    op.create_index("ix_wp_runs_due", "wp_runs", ["due"])
+    op.create_index("ix_wp_runs_due", "wp_runs", ["due"],
+                    sqlite_where=sa.text("due IS NOT NULL"),
+                    postgresql_where=sa.text("due IS NOT NULL"))
     op.create_index("ix_wp_runs_status_workflow", "wp_runs",
                     ["status", "workflow", "created_at", "run_id"])
     op.create_index("ix_wp_runs_status_created", "wp_runs", ["status", "created_at", "run_id"])
     op.create_index("ix_wp_runs_created", "wp_runs", ["created_at", "run_id"])
-    op.create_index("ix_wp_runs_parent", "wp_runs", ["parent"])
+    op.create_index("ix_wp_runs_parent", "wp_runs", ["parent"],
+                    sqlite_where=sa.text("parent IS NOT NULL"),
+                    postgresql_where=sa.text("parent IS NOT NULL"))
     op.create_table(
         "wp_records",
         sa.Column("position", sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
