@@ -64,7 +64,7 @@ class Signature(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class Envelope(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """A DSSE envelope as stored: payload type, body bytes (base64 in JSON), signatures."""
 
-    payloadType: str  # noqa: N815 - DSSE's field name
+    payloadType: str  # DSSE spells it so
     payload: bytes
     signatures: list[Signature]
 

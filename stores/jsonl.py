@@ -586,7 +586,9 @@ class JsonlStore:
         # Wakes when a first commit becomes pending, sleeps out the rest of the batch window
         # (or less, when a commit finds the batch full), then fsyncs whatever is pending.
         # An idle store's thread sleeps on an event and costs nothing.
-        while True:
+        # ``_stop`` is checked at the top of every pass: ``_flush`` clears ``_wake``, so a
+        # ``close()`` that set both while a flush was running must not be waited out.
+        while not self._stop.is_set():
             self._wake.wait()
             if self._stop.is_set():
                 return
