@@ -16,8 +16,6 @@ What this file pins, on both dialects (PostgreSQL is started from Debian's packa
 * crashes: a process driving 20-node ``call`` workflows is killed with SIGKILL at random
   moments; ``recover()`` in a fresh process completes every run with one record per
   transition, and every chain verifies.
-
-Run as a script, the file is the crash test's worker (see ``_crash_main``).
 """
 
 from __future__ import annotations
@@ -617,57 +615,62 @@ CRASH_ROUNDS = 10
 CRASH_RUNS = 3
 
 
-def _crash_main(argv: list[str]) -> int:
-    """``test_sql_store.py crash URL DIR --round R [--linger | --recover]``: the worker the
-    crash test kills (start ``CRASH_RUNS`` runs, print ``ready`` then ``done``) or the process
-    that recovers after it (prints a JSON report).  Logging goes to stderr."""
-    import argparse
-    import logging
+_CRASH_WORKER = """
+import argparse, importlib.util, json, logging, sys
+from pathlib import Path
 
-    import structlog
-    from wakepoint import RunNotFound, Runtime
+import structlog
 
-    structlog.configure(
-        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-    )
-    parser = argparse.ArgumentParser()
-    parser.add_argument("url")
-    parser.add_argument("root", type=Path)
-    parser.add_argument("--round", type=int, required=True, dest="round_no")
-    parser.add_argument("--recover", action="store_true")
-    parser.add_argument("--linger", action="store_true")
-    args = parser.parse_args(argv)
-    rt = Runtime(SqlStore(args.url), [crash_worker.build_workflow()],
-                 functions={"effect": crash_worker.make_effect(args.root)},
-                 signer=args.root / "signer.key")
-    ids = crash_worker.run_ids(args.round_no, CRASH_RUNS)
-    if not args.recover:
-        print("ready", flush=True)
-        for index, run_id in enumerate(ids):
-            rt.start(crash_worker.WORKFLOW_ID, index, run_id=run_id)
-        print("done", flush=True)
-        if args.linger:
-            sys.stdin.read()
-        rt.close()
-        return 0
-    before = crash_worker.statuses(rt, ids)
-    rt.recover()
+from wakepoint import RunNotFound, Runtime
+from wakepoint.stores.sql import SqlStore
+
+spec = importlib.util.spec_from_file_location("crash_worker", sys.argv[1])
+cw = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(cw)
+structlog.configure(
+    wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+    logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+)
+parser = argparse.ArgumentParser()
+parser.add_argument("url")
+parser.add_argument("root", type=Path)
+parser.add_argument("--round", type=int, required=True, dest="round_no")
+parser.add_argument("--runs", type=int, required=True)
+parser.add_argument("--recover", action="store_true")
+parser.add_argument("--linger", action="store_true")
+args = parser.parse_args(sys.argv[2:])
+rt = Runtime(SqlStore(args.url), [cw.build_workflow()],
+             functions={"effect": cw.make_effect(args.root)}, signer=args.root / "signer.key")
+ids = cw.run_ids(args.round_no, args.runs)
+if not args.recover:
+    print("ready", flush=True)
     for index, run_id in enumerate(ids):
-        try:
-            rt.get(run_id)
-        except RunNotFound:
-            rt.start(crash_worker.WORKFLOW_ID, index, run_id=run_id)
-    report = {"before": before, "after": crash_worker.statuses(rt, ids),
-              "pending": crash_worker.pending(rt)}
+        rt.start(cw.WORKFLOW_ID, index, run_id=run_id)
+    print("done", flush=True)
+    if args.linger:
+        sys.stdin.read()
     rt.close()
-    print(json.dumps(report), flush=True)
-    return 0
+    sys.exit(0)
+before = cw.statuses(rt, ids)
+rt.recover()
+for index, run_id in enumerate(ids):
+    try:
+        rt.get(run_id)
+    except RunNotFound:
+        rt.start(cw.WORKFLOW_ID, index, run_id=run_id)
+report = {"before": before, "after": cw.statuses(rt, ids), "pending": cw.pending(rt)}
+rt.close()
+print(json.dumps(report), flush=True)
+"""
+"""The process the crash test kills (``--linger``: start the runs, print ``ready`` then
+``done``, wait), or the one that recovers after it (``--recover``: print a JSON report).
+It imports only wakepoint and ``crash_worker.py``, to start fast."""
 
 
 def _spawn(url: str, root: Path, round_no: int, *extra: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, __file__, "crash", url, str(root), "--round", str(round_no), *extra],
+        [sys.executable, "-c", _CRASH_WORKER, str(HERE / "crash_worker.py"), url, str(root),
+         "--round", str(round_no), "--runs", str(CRASH_RUNS), *extra],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 
@@ -774,10 +777,4 @@ def test_sigkill_at_random_moments_then_recover(url: str, tmp_path: Path) -> Non
     print(f"{CRASH_ROUNDS} kills (start-up {startup:.2f} s, work {working:.2f} s): "
           f"{dict(outcome)}")
     assert outcome["mid-run"] >= CRASH_ROUNDS // 3, dict(outcome)
-
-
-if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "crash":
-        sys.exit(_crash_main(sys.argv[2:]))
-    sys.exit(f"usage: {sys.argv[0]} crash URL DIR --round R [--linger | --recover]")
 
