@@ -67,6 +67,12 @@ def escalate(run: RunView):
     return goto("decide", set={"decision": "escalated to finance"})
 
 
+def shown(path: str) -> str:
+    """``path`` as a person would type it from the current directory."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
+
+
 def runtime(home: str) -> Runtime:
     """The embedded default store under ``home`` (created on first use)."""
     return Runtime(workflows=[approval], home=home)
@@ -81,7 +87,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     print(f"run_id: {state.run_id}")
     print(f"question: {state.wait.prompt}")
     print(f"choices: {', '.join(state.wait.choices or ())}")
-    print(f"answer from any process: python {sys.argv[0]} answer {state.run_id} approve "
+    print(f"answer from any process: python {shown(__file__)} answer {state.run_id} approve "
           f"--home {args.home}")
     return 0 if state.status is Status.WAITING else 1
 
@@ -126,7 +132,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def _step(title: str, argv: list[str]) -> str:
     """Run one subcommand in a fresh interpreter, echo its output, fail loudly."""
     print(f"\n== {title}")
-    print("$ " + " ".join(["python", *argv[1:]]))
+    print("$ " + " ".join(["python", shown(argv[1]), *argv[2:]]))
     proc = subprocess.run(argv, capture_output=True, text=True, check=False)
     for line in (proc.stdout + proc.stderr).splitlines():
         print(f"   {line}")
