@@ -1,0 +1,669 @@
+"""The built-in effects, driven through ``Runtime``, and user-registered effect kinds.
+
+Every test runs on the memory store and on the JSONL store.  Time is a fake clock: timers and
+deadlines fire only through ``rt.wake_due(now)``; retry backoff sleeps through an injected
+``sleep`` that records the delays instead of waiting.
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from wakepoint import (
+    Failed,
+    Parked,
+    Resolved,
+    Retry,
+    RunState,
+    Status,
+    Workflow,
+    ask_user,
+    call,
+    done,
+    effect,
+    goto,
+    subworkflow,
+    wait_event,
+    wait_until,
+)
+
+# --- ask_user ------------------------------------------------------------------------------
+
+review = Workflow("review")
+
+
+@review.node(start=True)
+def ask(run: Any) -> Any:
+    return ask_user(
+        "Approve the refund?", choices=["approve", "reject"], into="answer", then="decide",
+        timeout=timedelta(hours=1), on_timeout="escalate",
+    )
+
+
+@review.node
+def decide(run: Any) -> Any:
+    return done({"by": "reviewer", "answer": run.vars["answer"]})
+
+
+@review.node
+def escalate(run: Any) -> Any:
+    return ask_user("Manager: approve?", choices=["approve", "reject"], into="answer",
+                    then="manager")
+
+
+@review.node
+def manager(run: Any) -> Any:
+    return done({"by": "manager", "answer": run.vars["answer"]})
+
+
+def test_ask_user_parks_with_prompt_and_choices(env: Any) -> None:
+    """``ask_user`` parks the run WAITING on a ``user`` wait with its prompt and choices, and
+    ``respond`` puts the answer in ``into`` and continues at ``then``."""
+    rt = env.open([review])
+    run = rt.start(review, run_id="q1")
+    assert run.status is Status.WAITING
+    assert run.wait.kind == "user"
+    assert run.wait.prompt == "Approve the refund?"
+    assert run.wait.choices == ("approve", "reject")
+    assert run.wait.key == "q1:2"
+    assert run.wait.deadline == env.clock.now + timedelta(hours=1)
+    assert [s.run_id for s in rt.list(status=Status.WAITING, wait_kind="user")] == ["q1"]
+    final = rt.respond("q1", "approve")
+    assert final.status is Status.COMPLETED
+    assert final.output == {"by": "reviewer", "answer": "approve"}
+    assert final.vars["answer"] == "approve"
+    env.check_ledger(rt, "q1")
+
+
+def test_ask_user_timeout_escalates(env: Any) -> None:
+    """When the question's timeout passes, ``wake_due`` continues the run at ``on_timeout``
+    with ``{"timed_out": True}`` in ``into``; before that, nothing is due."""
+    rt = env.open([review])
+    rt.start(review, run_id="q1")
+    assert rt.next_due() == env.clock.now + timedelta(hours=1)
+    assert rt.wake_due(env.clock.now + timedelta(minutes=59)) == []
+    assert rt.get("q1").wait.prompt == "Approve the refund?"
+    woken = rt.wake_due(env.clock.advance(hours=1))
+    assert [s.run_id for s in woken] == ["q1"]
+    state = rt.get("q1")
+    assert state.status is Status.WAITING
+    assert state.vars["answer"] == {"timed_out": True}
+    assert state.wait.prompt == "Manager: approve?"
+    assert env.kinds(rt, "q1")[-2:] == ["wait.timed_out", "effect.requested"]
+    assert rt.respond("q1", "reject").output == {"by": "manager", "answer": "reject"}
+    env.check_ledger(rt, "q1")
+
+
+def test_ask_user_without_escalation_fails_on_timeout(env: Any) -> None:
+    """A question with a timeout but no ``on_timeout`` fails the run with ``Timeout``."""
+    wf = Workflow("ask-or-fail")
+
+    @wf.node(start=True)
+    def only(run: Any) -> Any:
+        return ask_user("quick!", into="a", then="after", timeout=5)
+
+    @wf.node
+    def after(run: Any) -> Any:
+        return done(run.vars["a"])
+
+    rt = env.open([wf])
+    rt.start(wf, run_id="q1")
+    rt.wake_due(env.clock.advance(5))
+    state = rt.get("q1")
+    assert state.status is Status.FAILED
+    assert state.error.type == "Timeout"
+    env.check_ledger(rt, "q1")
+
+
+# --- wait_event ----------------------------------------------------------------------------
+
+webhook = Workflow("webhook")
+
+
+@webhook.node(start=True)
+def subscribe(run: Any) -> Any:
+    deadline = run.input.get("deadline")
+    return wait_event(run.input["key"], into="event", then="handle", deadline=deadline,
+                      on_timeout=run.input.get("on_timeout"))
+
+
+@webhook.node
+def handle(run: Any) -> Any:
+    return done(run.vars["event"])
+
+
+def test_send_event_resumes_every_waiting_run(env: Any) -> None:
+    """``send_event(key, payload)`` resumes every run waiting on ``key`` with ``payload`` in
+    ``into``, and no run waiting on another key; an event nobody waits for reaches nobody."""
+    rt = env.open([webhook])
+    for run_id, key in (("a", "paid:1"), ("b", "paid:1"), ("c", "paid:2")):
+        assert rt.start(webhook, {"key": key}, run_id=run_id).status is Status.WAITING
+    assert rt.send_event("paid:3", {"amount": 1}) == []
+    resumed = rt.send_event("paid:1", {"amount": 12.5})
+    assert sorted(s.run_id for s in resumed) == ["a", "b"]
+    for run_id in ("a", "b"):
+        state = rt.get(run_id)
+        assert state.status is Status.COMPLETED
+        assert state.output == {"amount": 12.5}
+        env.check_ledger(rt, run_id)
+    assert rt.get("c").status is Status.WAITING
+    assert rt.send_event("paid:1", "again") == []  # no buffering, nobody waits any more
+    assert rt.get("c").wait.key == "paid:2"
+
+
+def test_event_deadline_with_on_timeout_continues(env: Any) -> None:
+    """A wait whose deadline passes continues at ``on_timeout`` with ``{"timed_out": True}``."""
+    rt = env.open([webhook])
+    deadline = env.clock.now + timedelta(minutes=10)
+    rt.start(webhook, {"key": "k", "deadline": deadline, "on_timeout": "handle"}, run_id="w1")
+    assert rt.next_due() == deadline
+    assert rt.wake_due(deadline - timedelta(seconds=1)) == []
+    [state] = rt.wake_due(deadline)
+    assert state.status is Status.COMPLETED
+    assert state.output == {"timed_out": True}
+    assert rt.send_event("k", "too late") == []
+    env.check_ledger(rt, "w1")
+
+
+def test_event_deadline_without_on_timeout_fails(env: Any) -> None:
+    """A wait whose deadline passes with no ``on_timeout`` fails the run with ``Timeout``."""
+    rt = env.open([webhook])
+    deadline = env.clock.now + timedelta(minutes=10)
+    rt.start(webhook, {"key": "k", "deadline": deadline}, run_id="w1")
+    rt.wake_due(env.clock.advance(minutes=11))
+    state = rt.get("w1")
+    assert state.status is Status.FAILED
+    assert state.error.type == "Timeout"
+    assert "'k'" in state.error.message
+    assert env.kinds(rt, "w1")[-1] == "run.failed"
+    env.check_ledger(rt, "w1")
+
+
+# --- wait_until ----------------------------------------------------------------------------
+
+sleeper = Workflow("sleeper")
+
+
+@sleeper.node(start=True)
+def nap(run: Any) -> Any:
+    return wait_until(run.input, then="wake")
+
+
+@sleeper.node
+def wake(run: Any) -> Any:
+    return done(run.now.isoformat())
+
+
+def test_wait_until_future_parks_until_due(env: Any) -> None:
+    """A future time parks the run on a timer; ``next_due`` reports it, ``wake_due`` before it
+    does nothing and at it resumes the run."""
+    rt = env.open([sleeper])
+    when = env.clock.now + timedelta(days=2)
+    run = rt.start(sleeper, when, run_id="t1")
+    assert run.status is Status.WAITING
+    assert run.wait.kind == "timer"
+    assert run.wait.deadline == when
+    assert rt.next_due() == when
+    assert rt.wake_due(when - timedelta(microseconds=1)) == []
+    env.clock.now = when
+    [state] = rt.wake_due(when)
+    assert state.status is Status.COMPLETED
+    assert state.output == when.isoformat()
+    assert rt.next_due() is None
+    assert env.kinds(rt, "t1") == ["run.started", "effect.requested", "timer.fired",
+                                   "run.completed"]
+    env.check_ledger(rt, "t1")
+
+
+def test_wait_until_delay_in_seconds(env: Any) -> None:
+    """A delay in seconds is measured from the moment the node ran."""
+    rt = env.open([sleeper])
+    run = rt.start(sleeper, 90, run_id="t1")
+    assert run.wait.deadline == env.clock.now + timedelta(seconds=90)
+
+
+def test_wait_until_past_resumes_at_once(env: Any) -> None:
+    """A time already past resumes the run at once: ``start`` returns it finished."""
+    rt = env.open([sleeper])
+    run = rt.start(sleeper, env.clock.now - timedelta(hours=1), run_id="t1")
+    assert run.status is Status.COMPLETED
+    assert env.kinds(rt, "t1") == ["run.started", "effect.requested", "wait.resumed",
+                                   "run.completed"]
+    env.check_ledger(rt, "t1")
+
+
+# --- subworkflow ---------------------------------------------------------------------------
+
+child_wf = Workflow("child")
+
+
+@child_wf.node(start=True)
+def child_start(run: Any) -> Any:
+    if run.input.get("ask"):
+        return ask_user("child asks", into="answer", then="child_end")
+    return goto("child_end", set={"answer": None})
+
+
+@child_wf.node
+def child_end(run: Any) -> Any:
+    if run.input.get("fail"):
+        raise ValueError(f"child {run.run_id} cannot")
+    return done({"child": run.run_id, "answer": run.vars["answer"], "x": run.input.get("x")})
+
+
+parent_wf = Workflow("parent")
+
+
+@parent_wf.node(start=True)
+def spawn(run: Any) -> Any:
+    return subworkflow(child_wf, run.input, into="result", then="parent_end",
+                       mode=run.input.get("mode", "wait"), on_error=run.input.get("on_error"))
+
+
+@parent_wf.node
+def parent_end(run: Any) -> Any:
+    return done({"parent": run.run_id, "result": run.vars["result"]})
+
+
+@parent_wf.node
+def recover_node(run: Any) -> Any:
+    return done({"recovered": run.vars["result"]})
+
+
+def test_subworkflow_wait_resumes_parent_with_child_output(env: Any) -> None:
+    """``mode="wait"`` parks the parent until the child finishes, then resumes the parent with
+    the child's output without any call by the user; both runs record the link."""
+    rt = env.open([parent_wf, child_wf])
+    parent = rt.start(parent_wf, {"ask": True, "x": 5}, run_id="p")
+    assert parent.status is Status.WAITING
+    assert parent.wait.kind == "child"
+    [child_id] = parent.children
+    assert child_id == parent.wait.key == "p.2"
+    child = rt.get(child_id)
+    assert child.status is Status.WAITING
+    assert (child.parent.run_id, child.parent.key) == ("p", child_id)
+    assert [s.run_id for s in rt.list(parent="p")] == [child_id]
+    rt.respond(child_id, "hi")
+    assert rt.get(child_id).status is Status.COMPLETED
+    final = rt.get("p")
+    assert final.status is Status.COMPLETED
+    assert final.output == {"parent": "p",
+                            "result": {"child": "p.2", "answer": "hi", "x": 5}}
+    env.check_ledger(rt, "p")
+    env.check_ledger(rt, child_id)
+
+
+def test_subworkflow_child_finishing_at_once(env: Any) -> None:
+    """A child that finishes during ``start`` resumes its parent within the same call."""
+    rt = env.open([parent_wf, child_wf])
+    final = rt.start(parent_wf, {"x": 1}, run_id="p")
+    assert final.status is Status.COMPLETED
+    assert final.output["result"] == {"child": "p.2", "answer": None, "x": 1}
+
+
+def test_failing_child_goes_to_parent_on_error(env: Any) -> None:
+    """A failed child continues the parent at ``on_error`` with the error in ``into``."""
+    rt = env.open([parent_wf, child_wf])
+    final = rt.start(parent_wf, {"fail": True, "on_error": "recover_node"}, run_id="p")
+    assert rt.get("p.2").status is Status.FAILED
+    assert final.status is Status.COMPLETED
+    error = final.output["recovered"]["error"]
+    assert error["type"] == "ValueError"
+    assert "p.2" in error["message"] and "cannot" in error["message"]
+    env.check_ledger(rt, "p")
+
+
+def test_failing_child_fails_parent_without_on_error(env: Any) -> None:
+    """A failed child fails a parent that has no ``on_error``, naming the child."""
+    rt = env.open([parent_wf, child_wf])
+    rt.start(parent_wf, {"ask": True, "fail": True}, run_id="p")
+    rt.respond("p.2", "x")
+    state = rt.get("p")
+    assert state.status is Status.FAILED
+    assert state.error.type == "ValueError"
+    assert "child run p.2 failed" in state.error.message
+    env.check_ledger(rt, "p")
+
+
+def test_subworkflow_detach_continues_at_once(env: Any) -> None:
+    """``mode="detach"`` continues the parent at once with the child's run id; the child runs
+    on its own and finishing it does not touch the parent."""
+    rt = env.open([parent_wf, child_wf])
+    parent = rt.start(parent_wf, {"mode": "detach", "ask": True}, run_id="p")
+    assert parent.status is Status.COMPLETED
+    assert parent.output == {"parent": "p", "result": "p.2"}
+    child = rt.get("p.2")
+    assert child.status is Status.WAITING
+    assert child.parent.run_id == "p"
+    assert rt.respond("p.2", "later").status is Status.COMPLETED
+    assert rt.get("p") == parent
+    env.check_ledger(rt, "p")
+    env.check_ledger(rt, "p.2")
+
+
+grand = Workflow("grand")
+
+
+@grand.node(start=True)
+def nest(run: Any) -> Any:
+    if run.input > 0:
+        return subworkflow("grand", run.input - 1, into="r", then="nest_end")
+    return ask_user("bottom", into="r", then="nest_end")
+
+
+@grand.node
+def nest_end(run: Any) -> Any:
+    return done(run.vars["r"])
+
+
+def test_cancel_cascades_to_children_and_grandchildren(env: Any) -> None:
+    """Cancelling a run cancels every unfinished descendant, each with a reason naming its
+    parent; ledgers stay one record per transition."""
+    rt = env.open([grand])
+    rt.start(grand, 2, run_id="g")
+    ids = ["g", "g.2", "g.2.2"]
+    assert [rt.get(i).status for i in ids] == [Status.WAITING] * 3
+    state = rt.cancel("g", "stop")
+    assert state.status is Status.CANCELLED
+    for run_id in ids:
+        run = rt.get(run_id)
+        assert run.status is Status.CANCELLED, run_id
+        assert run.wait is None
+        env.check_ledger(rt, run_id)
+    assert rt.get("g.2").error.message == "parent g cancelled: stop"
+    assert "parent g.2 cancelled" in rt.get("g.2.2").error.message
+
+
+def test_cancel_without_cascade_leaves_children(env: Any) -> None:
+    """``cancel(cascade=False)`` cancels only the run."""
+    rt = env.open([grand])
+    rt.start(grand, 1, run_id="g")
+    rt.cancel("g", cascade=False)
+    assert rt.get("g").status is Status.CANCELLED
+    assert rt.get("g.2").status is Status.WAITING
+
+
+# --- call ----------------------------------------------------------------------------------
+
+caller = Workflow("caller")
+
+
+@caller.node(start=True)
+def invoke(run: Any) -> Any:
+    spec = run.input
+    retry = Retry(**spec["retry"]) if spec.get("retry") else None
+    return call(spec["fn"], spec.get("args"), into="result", then="report", retry=retry,
+                timeout=spec.get("timeout"), on_error=spec.get("on_error"))
+
+
+@caller.node
+def report(run: Any) -> Any:
+    return done(run.vars["result"])
+
+
+class Flaky:
+    """Fails with ``errors`` in turn, then returns ``value``; records every call."""
+
+    def __init__(self, errors: list[BaseException], value: Any = "ok") -> None:
+        self.errors = list(errors)
+        self.value = value
+        self.keys: list[str] = []
+
+    def __call__(self, *, idempotency_key: str) -> Any:
+        self.keys.append(idempotency_key)
+        if self.errors:
+            raise self.errors.pop(0)
+        return self.value
+
+
+def test_call_result_lands_in_var(env: Any) -> None:
+    """``call`` runs the function with keyword or positional args; its result goes to
+    ``into``."""
+    rt = env.open([caller], {"mul": lambda a, b: a * b})
+    run = rt.start(caller, {"fn": "mul", "args": {"a": 6, "b": 7}}, run_id="c1")
+    assert run.status is Status.COMPLETED
+    assert run.output == 42
+    assert run.vars["result"] == 42
+    assert rt.start(caller, {"fn": "mul", "args": [3, 5]}, run_id="c2").output == 15
+    env.check_ledger(rt, "c1")
+
+
+def test_call_passes_idempotency_key(env: Any) -> None:
+    """A function that declares ``idempotency_key`` receives ``run_id:step`` of the request,
+    the same on every attempt; it is the key of the ledger's request and resume records."""
+    fn = Flaky([ConnectionError("a"), ConnectionError("b")], value=1)
+    rt = env.open([caller], {"fn": fn})
+    run = rt.start(caller, {"fn": "fn", "retry": {"attempts": 3}}, run_id="c1")
+    assert run.status is Status.COMPLETED
+    assert fn.keys == ["c1:2"] * 3
+    keyed = [(b.kind, b.key) for b in env.bodies(rt.ledger("c1")) if b.key]
+    assert keyed == [("effect.requested", "c1:2"), ("wait.resumed", "c1:2")]
+
+
+def test_call_retries_with_exponential_backoff(env: Any) -> None:
+    """Failed attempts are retried after delays that grow by ``multiplier`` from ``initial``,
+    capped at ``max_delay``, each within ``jitter`` of its base."""
+    delays: list[float] = []
+    fn = Flaky([TimeoutError(str(i)) for i in range(5)], value="finally")
+    rt = env.open([caller], {"fn": fn}, sleep=delays.append)
+    policy = {"attempts": 6, "initial": 1.0, "multiplier": 3.0, "max_delay": 10.0,
+              "jitter": 0.2}
+    run = rt.start(caller, {"fn": "fn", "retry": policy}, run_id="c1")
+    assert run.output == "finally"
+    assert len(fn.keys) == 6
+    bases = [1.0, 3.0, 9.0, 10.0, 10.0]
+    assert len(delays) == len(bases)
+    for delay, base in zip(delays, bases, strict=True):
+        assert base * 0.8 <= delay <= base * 1.2, (delays, bases)
+    assert delays[1] > delays[0] and delays[2] > delays[1]  # growth beats the jitter
+    env.check_ledger(rt, "c1")
+
+
+def test_call_jitter_comes_from_injected_random(env: Any) -> None:
+    """The jitter factor is drawn from the runtime's ``rand``: 0 gives the lowest delay."""
+    delays: list[float] = []
+    fn = Flaky([OSError("x")] * 2)
+    rt = env.open([caller], {"fn": fn}, sleep=delays.append, rand=lambda: 0.0)
+    rt.start(caller, {"fn": "fn", "retry": {"attempts": 3, "initial": 2.0, "jitter": 0.5}})
+    assert delays == [1.0, 2.0]
+
+
+def test_call_retries_only_retry_on(env: Any) -> None:
+    """A policy with ``retry_on`` retries those exceptions (and their subclasses) only; any
+    other exception ends the call at once and fails the run with its type and message."""
+    policy = {"attempts": 5, "retry_on": ["ConnectionError"]}
+    retried = Flaky([ConnectionResetError("reset")], value="second time")
+    rt = env.open([caller], {"retried": retried})
+    assert rt.start(caller, {"fn": "retried", "retry": policy}).output == "second time"
+    assert len(retried.keys) == 2
+
+    refused = Flaky([ValueError("bad input"), ValueError("unreached")])
+    rt = env.open([caller], {"refused": refused})
+    state = rt.start(caller, {"fn": "refused", "retry": policy}, run_id="c2")
+    assert len(refused.keys) == 1
+    assert state.status is Status.FAILED
+    assert (state.error.type, state.error.message) == ("ValueError", "bad input")
+    assert state.error.retryable is False
+    env.check_ledger(rt, "c2")
+
+
+def test_call_gives_up_after_attempts(env: Any) -> None:
+    """When every attempt fails, the run fails with the last error, or continues at
+    ``on_error`` with ``{"error": {...}}`` in ``into``."""
+    fn = Flaky([ConnectionError(f"try {i}") for i in range(3)])
+    rt = env.open([caller], {"fn": fn})
+    state = rt.start(caller, {"fn": "fn", "retry": {"attempts": 3}}, run_id="c1")
+    assert state.status is Status.FAILED
+    assert state.error.message == "try 2"
+    assert state.error.retryable is True
+
+    fn2 = Flaky([ConnectionError("down")])
+    rt = env.open([caller], {"fn": fn2})
+    state = rt.start(caller, {"fn": "fn", "on_error": "report"}, run_id="c2")
+    assert state.status is Status.COMPLETED
+    assert state.output == {"error": {"type": "ConnectionError", "message": "down"}}
+    assert env.kinds(rt, "c2") == ["run.started", "effect.requested", "wait.rejected",
+                                   "run.completed"]
+
+
+def test_call_timeout_counts_as_failed_attempt(env: Any) -> None:
+    """An attempt that outlives ``timeout`` is abandoned as a ``TimeoutError``; after the last
+    attempt the run fails with it."""
+    release = threading.Event()
+    started: list[str] = []
+
+    def hang(*, idempotency_key: str) -> str:
+        started.append(idempotency_key)
+        release.wait(10)
+        return "too late"
+
+    rt = env.open([caller], {"hang": hang})
+    try:
+        state = rt.start(caller, {"fn": "hang", "timeout": 0.05, "retry": {"attempts": 2}},
+                         run_id="c1")
+    finally:
+        release.set()
+    assert started == ["c1:2", "c1:2"]
+    assert state.status is Status.FAILED
+    assert state.error.type == "TimeoutError"
+    assert "0.05" in state.error.message
+    env.check_ledger(rt, "c1")
+
+
+def test_call_of_unknown_function_fails_run(env: Any) -> None:
+    """``call`` naming a function that is not registered fails the run with
+    ``UnknownFunction`` naming it."""
+    rt = env.open([caller])
+    state = rt.start(caller, {"fn": "nope"}, run_id="c1")
+    assert state.status is Status.FAILED
+    assert state.error.type == "UnknownFunction"
+    assert "'nope'" in state.error.message
+    env.check_ledger(rt, "c1")
+
+
+def test_call_with_unencodable_result_fails_run(env: Any) -> None:
+    """A function whose result msgspec cannot encode fails the run with ``UnencodableValue``
+    (the result cannot be committed, so it is never half-recorded)."""
+    rt = env.open([caller], {"lock": threading.Lock})
+    state = rt.start(caller, {"fn": "lock"}, run_id="c1")
+    assert state.status is Status.FAILED
+    assert state.error.type == "UnencodableValue"
+    assert "'c1:2'" in state.error.message
+    assert "result" not in state.vars
+    assert env.kinds(rt, "c1") == ["run.started", "effect.requested", "run.failed"]
+    env.check_ledger(rt, "c1")
+
+
+# --- custom effect kinds -------------------------------------------------------------------
+
+
+class Doubler:
+    """A user effect kind: resolves at once with twice its argument."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[Any, str]] = []
+
+    def handle(self, eff: Any, run: RunState, ctx: Any) -> Any:
+        self.seen.append((eff.args, run.wait.key))
+        if eff.args is None:
+            return Failed(type="NothingToDouble", message="no argument")
+        return Resolved(eff.args * 2)
+
+
+class Outbox:
+    """A user effect kind that parks: something outside resumes the run with ``resume``."""
+
+    def handle(self, eff: Any, run: RunState, ctx: Any) -> Any:
+        return Parked()
+
+
+class AutoApprove:
+    """Overrides the built-in ``ask_user``: every question is answered by its first choice."""
+
+    def handle(self, eff: Any, run: RunState, ctx: Any) -> Any:
+        return Resolved(eff.choices[0])
+
+
+custom = Workflow("custom")
+
+
+@custom.node(start=True)
+def use_kind(run: Any) -> Any:
+    return effect(run.input["kind"], run.input.get("arg"), into="value", then="custom_end",
+                  on_error=run.input.get("on_error"))
+
+
+@custom.node
+def custom_end(run: Any) -> Any:
+    return done(run.vars["value"])
+
+
+def test_custom_effect_kind_resolves(env: Any) -> None:
+    """A handler registered under a new kind carries out ``effect(kind, args)``; its value
+    lands in ``into``."""
+    doubler = Doubler()
+    rt = env.open([custom], handlers={"double": doubler})
+    state = rt.start(custom, {"kind": "double", "arg": 21}, run_id="e1")
+    assert state.output == 42
+    assert doubler.seen == [(21, "e1:2")]
+    env.check_ledger(rt, "e1")
+
+
+def test_custom_effect_kind_failure_and_parking(env: Any) -> None:
+    """A custom handler's ``Failed`` goes to ``on_error`` (or fails the run), and ``Parked``
+    leaves the run waiting until ``resume`` with the wait's key."""
+    rt = env.open([custom], handlers={"double": Doubler(), "outbox": Outbox()})
+    failed = rt.start(custom, {"kind": "double"}, run_id="e1")
+    assert failed.status is Status.FAILED
+    assert failed.error.type == "NothingToDouble"
+    handled = rt.start(custom, {"kind": "double", "on_error": "custom_end"}, run_id="e2")
+    assert handled.output == {"error": {"type": "NothingToDouble", "message": "no argument"}}
+    parked = rt.start(custom, {"kind": "outbox", "arg": "mail"}, run_id="e3")
+    assert parked.status is Status.WAITING
+    assert parked.wait.kind == "effect"
+    assert rt.resume("e3", parked.wait.key, "sent").output == "sent"
+    for run_id in ("e1", "e2", "e3"):
+        env.check_ledger(rt, run_id)
+
+
+def test_unregistered_effect_kind_fails_run(env: Any) -> None:
+    """An effect of a kind with no handler fails the run with ``UnknownEffect``."""
+    rt = env.open([custom])
+    state = rt.start(custom, {"kind": "teleport"}, run_id="e1")
+    assert state.status is Status.FAILED
+    assert state.error.type == "UnknownEffect"
+    assert "'teleport'" in state.error.message
+
+
+def test_handler_exception_fails_run(env: Any) -> None:
+    """A handler that raises fails the run with the exception's type and message."""
+
+    class Broken:
+        def handle(self, eff: Any, run: RunState, ctx: Any) -> Any:
+            raise KeyError("handler bug")
+
+    rt = env.open([custom], handlers={"broken": Broken()})
+    state = rt.start(custom, {"kind": "broken"}, run_id="e1")
+    assert state.status is Status.FAILED
+    assert state.error.type == "KeyError"
+    assert "handler bug" in state.error.message
+
+
+def test_handler_overrides_builtin(env: Any) -> None:
+    """A handler registered under a built-in kind replaces the built-in: here ``ask_user`` is
+    answered automatically and the run never waits for a person."""
+    rt = env.open([review], handlers={"ask_user": AutoApprove()})
+    state = rt.start(review, run_id="q1")
+    assert state.status is Status.COMPLETED
+    assert state.output == {"by": "reviewer", "answer": "approve"}
+    assert env.kinds(rt, "q1") == ["run.started", "effect.requested", "wait.resumed",
+                                   "run.completed"]
+
+
+def test_handler_without_handle_method_is_rejected(env: Any) -> None:
+    """Registering an object without ``handle`` fails at construction, naming the kind."""
+    with pytest.raises(TypeError, match="'nonsense'"):
+        env.open([], handlers={"nonsense": object()})
