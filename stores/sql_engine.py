@@ -17,7 +17,9 @@ Engine settings per durability mode (``connection hook`` below, one per new DBAP
   front, so a transaction never fails half-way on a lock upgrade (which ``busy_timeout``
   cannot wait out in WAL mode).  ``busy_timeout`` makes writers queue.
   ``synchronous=FULL`` for ``sync`` (the WAL is fsynced at every commit), ``NORMAL`` for
-  ``batch`` and ``OFF`` for ``none``.  In WAL mode NORMAL means: a commit is written to the
+  ``batch`` and ``none`` (not OFF: with OFF a power loss during a checkpoint can corrupt the
+  database, not just lose the last commits, and OFF saves little once checkpoints run in the
+  background).  In WAL mode NORMAL means: a commit is written to the
   WAL (so it survives a crash of the *process* at once) but fsynced only by the next
   checkpoint, so power loss can take back the commits since the last checkpoint: group
   commit, which is what ``batch`` means here.  Checkpoints do not run inside commits
@@ -130,7 +132,7 @@ def make_engine(url: URL, durability: Durability) -> Engine:
 
 
 def _sqlite_hook(durability: Durability) -> Callable[[Any, Any], None]:
-    synchronous = {"sync": "FULL", "batch": "NORMAL", "none": "OFF"}[durability]
+    synchronous = "FULL" if durability == "sync" else "NORMAL"
 
     def connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None  # we issue BEGIN IMMEDIATE / COMMIT ourselves
