@@ -223,6 +223,15 @@ def test_unknown_run_id_is_refused(env: Any) -> None:
     assert [s.run_id for s in rt.list()] == ["exists"]
 
 
+def test_unknown_workflow_is_refused(env: Any) -> None:
+    """``start`` by the id of a workflow this runtime does not know raises ``UnknownWorkflow``
+    naming it, and creates no run."""
+    rt = env.open([approval])
+    with pytest.raises(UnknownWorkflow, match="'nope'"):
+        rt.start("nope", run_id="r1")
+    assert rt.list() == []
+
+
 def test_respond_to_run_not_asking_is_refused(env: Any, snapshot: Any) -> None:
     """``respond`` to a run that waits for an event (not a person) raises ``NotWaiting``."""
     rt = env.open([listener])
