@@ -67,7 +67,7 @@ from .kernel.types import (
 from .kernel.workflow import Workflow
 from .ledger.keys import Signer
 from .ledger.records import Record, sign_entries, verify_chain
-from .stores import open_store
+from .stores import MemoryStore, open_store
 from .stores.base import Durability, Store
 
 DEFAULT_HOME = ".wakepoint"
@@ -82,12 +82,13 @@ def utc_now() -> datetime:
 class Runtime:
     """Runs workflows durably on a store, signing every transition into the run's ledger.
 
-    ``store``: a ``Store`` or a store URL (``memory:``, ``jsonl:PATH``); None opens the
-    embedded default, ``jsonl:./.wakepoint`` (``home``).  ``signer``: a ``Signer`` or a key file
-    path; None loads or creates ``signer.key`` in a JSONL store's directory, and uses a fresh
-    key for other stores.  ``functions`` maps ``call`` names to callables; ``handlers`` adds
-    effect kinds or overrides built-ins.  ``clock``, ``sleep`` and ``rand`` are injectable for
-    tests.
+    ``store``: a ``Store`` or a store URL (``memory:``, ``jsonl:PATH``, ``sqlite:///PATH``,
+    ``postgresql+psycopg://...``); None opens the embedded default, ``jsonl:./.wakepoint``
+    (``home``).  ``durability`` applies to stores opened from a URL.  ``signer``: a ``Signer``
+    or a key file path; None loads or creates ``signer.key`` in a JSONL store's directory, or in
+    ``home`` for other durable stores, and uses a fresh key for the memory store.
+    ``functions`` maps ``call`` names to callables; ``handlers`` adds effect kinds or
+    overrides built-ins.  ``clock``, ``sleep`` and ``rand`` are injectable for tests.
     """
 
     def __init__(
@@ -108,12 +109,12 @@ class Runtime:
             store = f"jsonl:{home}"
         if isinstance(store, str):
             options: dict[str, Any] = {}
-            if store.startswith("jsonl:"):
+            if not store.startswith("memory:"):
                 options["durability"] = durability
             store = open_store(store, **options)
         self.store: Store = store
         if signer is None:
-            signer = self._default_signer(store)
+            signer = self._default_signer(store, Path(home))
         elif not isinstance(signer, Signer):
             signer = Signer.load_or_create(signer)
         self.signer: Signer = signer
@@ -129,11 +130,14 @@ class Runtime:
             self.register(wf)
 
     @staticmethod
-    def _default_signer(store: Store) -> Signer:
+    def _default_signer(store: Store, home: Path) -> Signer:
+        # A durable store needs a durable key, or its chains stop verifying after a restart:
+        # a JSONL store keeps the key in its directory, any other durable store in ``home``.
+        # The memory store lives as long as the process, and so may its key.
+        if isinstance(store, MemoryStore):
+            return Signer.generate()
         root = getattr(store, "path", None)
-        if root is not None:
-            return Signer.load_or_create(Path(root) / _KEY_FILE)
-        return Signer.generate()
+        return Signer.load_or_create(Path(root if root is not None else home) / _KEY_FILE)
 
     def __repr__(self) -> str:
         return f"Runtime(store={self.store!r}, workflows={sorted(self._workflows)!r})"
