@@ -53,6 +53,7 @@ from .kernel.errors import (
     RunNotFound,
     UnencodableValue,
     UnknownWorkflow,
+    WakepointError,
     WrongWaitKey,
 )
 from .kernel.types import (
@@ -220,12 +221,17 @@ class Runtime:
             return self.resume(run_id, state.wait.key, answer)
 
     def send_event(self, key: str, payload: Any = None) -> builtins.list[RunState]:
-        """Resume every run waiting on event ``key`` with ``payload``; return their states."""
+        """Resume every run waiting on event ``key`` with ``payload``; return their states.
+
+        Runs of workflows this runtime does not serve are left for a runtime that does; a run
+        that cannot be driven (its node fails to persist a value) is logged and skipped, so
+        that one bad run never keeps the event from the others.
+        """
         value_digest(payload, f"payload of event {key!r}")  # refuse before touching any run
         resumed: builtins.list[RunState] = []
         with self._lock:
             for state in self.store.find_waiting(key):
-                if state.wait is None or state.wait.kind != "event":
+                if state.wait is None or state.wait.kind != "event" or not self._serves(state):
                     continue
                 try:
                     resumed.append(self.resume(state.run_id, key, payload))
@@ -233,6 +239,9 @@ class Runtime:
                     # Another process resumed it first (or it moved on): not ours to deliver.
                     self._log.debug("event.skipped", run_id=state.run_id, key=key,
                                     reason=str(exc))
+                except WakepointError as exc:
+                    self._log.error("event.undeliverable", run_id=state.run_id, key=key,
+                                    workflow=state.workflow, error=str(exc))
         return resumed
 
     def cancel(self, run_id: str, reason: str = "cancelled", *, cascade: bool = True) -> RunState:
@@ -275,31 +284,67 @@ class Runtime:
 
         RUNNING runs are driven on; WAITING runs whose deadline passed time out (or fire);
         effects requested but never resolved are dispatched again; parents whose child has
-        already finished are resumed.  Run it at process start, before other workers could be
-        handling the same runs (the worker's leases make that safe with several processes).
+        already finished are resumed; runs left unfinished under a cancelled parent (a cancel
+        cascade cut short) are cancelled.  Runs of workflows this runtime does not serve are
+        left alone, and a run that cannot advance is logged and skipped, never allowed to
+        stop the recovery of the others.  Run it at process start, before other workers could
+        be handling the same runs (the worker's leases make that safe with several processes).
         """
         with self._lock:
             now = self.clock()
-            queue: deque[RunState] = deque(self.store.list(status=Status.RUNNING))
-            touched = [s.run_id for s in queue]
-            for state in self.store.list(status=Status.WAITING):
-                wait = state.wait
-                assert wait is not None
-                if wait.deadline is not None and wait.deadline <= now:
-                    try:
-                        queue.append(self._commit(state, kernel.timeout(state, now)))
-                    except ConflictError:
-                        continue  # another process got there first
-                elif wait.kind == "effect" and wait.effect is not None:
-                    queue.append(self._dispatch(state, wait.effect, queue))
-                elif wait.kind == "child" and wait.effect is not None:
-                    self._recover_child(state, wait.effect, queue)
-                else:
-                    continue
+            queue: deque[RunState] = deque()
+            touched: builtins.list[str] = []
+            for state in self.store.list(status=Status.RUNNING):
+                if self._serves(state) and not self._cascade_cancel(state):
+                    queue.append(state)
                 touched.append(state.run_id)
-            self._run_queue(queue)
+            for state in self.store.list(status=Status.WAITING):
+                if not self._serves(state):
+                    continue
+                try:
+                    if self._recover_waiting(state, now, queue):
+                        touched.append(state.run_id)
+                except ConflictError:
+                    continue  # another process got there first
+                except WakepointError as exc:
+                    self._log.error("recover.skipped", run_id=state.run_id,
+                                    workflow=state.workflow, node=state.node,
+                                    step=state.step, error=str(exc))
+            self._run_queue(queue, tolerant=True)
             self._log.info("recovered", runs=len(touched))
             return [self.store.load(r) for r in dict.fromkeys(touched)]
+
+    def _recover_waiting(self, state: RunState, now: datetime, queue: deque[RunState]) -> bool:
+        """Recover one WAITING run; whether there was anything to do."""
+        wait = state.wait
+        assert wait is not None
+        if self._cascade_cancel(state):
+            return True
+        if wait.deadline is not None and wait.deadline <= now:
+            queue.append(self._commit(state, kernel.timeout(state, now)))
+        elif wait.kind == "effect" and wait.effect is not None:
+            queue.append(self._dispatch(state, wait.effect, queue))
+        elif wait.kind == "child" and wait.effect is not None:
+            self._recover_child(state, wait.effect, queue)
+        else:
+            return False
+        return True
+
+    def _cascade_cancel(self, state: RunState) -> bool:
+        """Cancel an unfinished run whose parent was cancelled (a cascade a crash cut short)."""
+        if state.parent is None:
+            return False
+        try:
+            parent = self.store.load(state.parent.run_id)
+        except RunNotFound:
+            return False
+        if parent.status is not Status.CANCELLED:
+            return False
+        self.cancel(state.run_id, f"parent {parent.run_id} cancelled")
+        return True
+
+    def _serves(self, state: RunState) -> bool:
+        return state.workflow in self._workflows
 
     def wake_due(self, now: datetime | None = None) -> builtins.list[RunState]:
         """Fire every timer and deadline that is due at ``now``; return the runs' new states."""
@@ -368,9 +413,20 @@ class Runtime:
         self._run_queue(queue)
         return self.store.load(result_id)
 
-    def _run_queue(self, queue: deque[RunState]) -> None:
+    def _run_queue(self, queue: deque[RunState], *, tolerant: bool = False) -> None:
+        """Drive every queued run.  ``tolerant``: log a run that cannot advance and go on
+        (recovery), instead of raising to the caller who asked for that run (start, resume).
+        """
         while queue:
-            self._advance(queue.popleft(), queue)
+            state = queue.popleft()
+            if not tolerant:
+                self._advance(state, queue)
+                continue
+            try:
+                self._advance(state, queue)
+            except WakepointError as exc:
+                self._log.error("run.stuck", run_id=state.run_id, workflow=state.workflow,
+                                node=state.node, step=state.step, error=str(exc))
 
     def _advance(self, state: RunState, queue: deque[RunState]) -> None:
         """Drive one run until it blocks or finishes, queueing the runs it affects."""
@@ -461,8 +517,8 @@ class Runtime:
             return
         if child.status.finished:
             self._finished(child, queue)
-        else:
-            queue.append(child)
+        # An unfinished child needs nothing here: recover() drives RUNNING runs itself, and a
+        # waiting child is woken by whatever it waits for.
 
     def _start_child(
         self, workflow: str, input: Any, run_id: str, parent: ParentLink,

@@ -11,6 +11,7 @@ import base64
 import hashlib
 import json
 import os
+import secrets
 from pathlib import Path
 
 import nacl.exceptions
@@ -74,12 +75,25 @@ class Signer:
         ).encode()
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        # Written beside the target, made durable, then linked into place: a crash mid-write
+        # leaves only a stray temporary file, never a torn key file that blocks every later
+        # start; and link() refuses to replace a key another process created meanwhile.
+        temp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.write(fd, data + b"\n")
             os.fsync(fd)
         finally:
             os.close(fd)
+        try:
+            os.link(temp, target)
+        finally:
+            os.unlink(temp)
+        dir_fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Signer:

@@ -323,9 +323,6 @@ def _shared_listener(workflow_id: str) -> Workflow:
     return wf
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: send_event stops at the first waiting run of a "
-                   "workflow this runtime does not know (UnknownWorkflow escapes) and the "
-                   "remaining waiting runs never get the event")
 def test_send_event_is_not_stopped_by_a_run_it_cannot_drive(env: Any) -> None:
     """A runtime that serves only some workflows delivers an event to the runs it can drive
     even when a run of another workflow waits on the same key."""

@@ -240,9 +240,6 @@ def test_recover_drives_child_created_but_never_run(env: Any) -> None:
         env.check_ledger(later, run_id)
 
 
-@pytest.mark.xfail(strict=True, reason="recover() queues a RUNNING child twice (as a RUNNING "
-                   "run and via its waiting parent); the second drive runs the child's node "
-                   "again on a stale state before its commit loses with ConflictError")
 def test_recover_runs_a_pending_child_node_once(env: Any) -> None:
     """Recovering a child that was created but never ran executes its node once: nodes are
     at-least-once across crashes, but one recovery should not repeat work by itself."""
@@ -271,8 +268,6 @@ def test_recover_runs_a_pending_child_node_once(env: Any) -> None:
     assert ran == ["p.2"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a cancel cascade cut short by a crash is not "
-                   "finished by recover(); the child keeps waiting under a cancelled parent")
 def test_recover_finishes_interrupted_cancel_cascade(env: Any) -> None:
     """The parent's cancel was committed but the process died before its child was
     cancelled: after ``recover()`` no unfinished run is left under a cancelled parent."""
@@ -346,8 +341,6 @@ def poisoned_end(run: Any) -> Any:
     return done()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: recover() lets one run's error escape and leaves "
-                   "every later run unrecovered")
 def test_recover_is_not_stopped_by_one_bad_run(env: Any) -> None:
     """A run that cannot advance (its node sets an unencodable var) must not keep
     ``recover()`` from continuing the other runs."""
@@ -365,8 +358,6 @@ def test_recover_is_not_stopped_by_one_bad_run(env: Any) -> None:
     assert later.get("b-ok").status is Status.COMPLETED
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: recover() raises UnknownWorkflow for a run of a "
-                   "workflow this runtime does not serve, and stops there")
 def test_recover_skips_runs_of_unregistered_workflows(env: Any) -> None:
     """A runtime that serves only some workflows recovers those and leaves the others."""
     charger = Charger()
@@ -401,9 +392,6 @@ def test_recovered_states_are_returned(env: Any) -> None:
 # --- the embedded default's key file -------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Signer.save writes the key file in place, so a "
-                   "crash while it is written leaves a torn signer.key that blocks every "
-                   "later Runtime on the directory with KeyFileError")
 def test_crash_while_creating_key_file_does_not_block_next_runtime(
     jsonl_env: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
