@@ -79,13 +79,16 @@ class Record(msgspec.Struct, frozen=True, kw_only=True):
     sig: bytes
     hash: str
     """Hex ``SHA-256(0x00 || body)``."""
+    cosigs: tuple[Signature, ...] = ()
+    """Further DSSE signatures after the first (a ``key.rotated`` record carries the new
+    key's); empty for every ordinary record, so single-signature envelopes are unchanged."""
 
     def envelope(self) -> Envelope:
         """The DSSE envelope to store."""
         return Envelope(
             payloadType=PAYLOAD_TYPE,
             payload=self.body,
-            signatures=[Signature(keyid=self.key_id, sig=self.sig)],
+            signatures=[Signature(keyid=self.key_id, sig=self.sig), *self.cosigs],
         )
 
 
@@ -150,11 +153,12 @@ def parse_body(body: bytes) -> Body:
 
 def from_envelope(env: Envelope) -> Record:
     """A ``Record`` from a stored envelope (parses the body; does not verify it)."""
-    if env.payloadType != PAYLOAD_TYPE or len(env.signatures) != 1:
+    if env.payloadType != PAYLOAD_TYPE or not env.signatures:
         raise ValueError("not a wakepoint record envelope")
     body = parse_body(env.payload)
     return Record(run_id=body.run_id, seq=body.seq, key_id=env.signatures[0].keyid,
-                  body=env.payload, sig=env.signatures[0].sig, hash=record_hash(env.payload))
+                  body=env.payload, sig=env.signatures[0].sig, hash=record_hash(env.payload),
+                  cosigs=tuple(env.signatures[1:]))
 
 
 KeySet = Mapping[str, nacl.signing.VerifyKey]
