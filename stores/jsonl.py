@@ -57,11 +57,17 @@ Choices, and why:
   a ``create`` that never returned: it is not a run, and a later ``create`` takes it over.
   Any other damage - a complete line that does not decode, a malformed envelope, a line whose
   records or state belong to another run - raises ``CorruptStore`` naming the file and the
-  1-based line, and changes nothing.
+  1-based line, and changes nothing (``list`` and ``claim`` raise it too when the damaged
+  line is the last one of a file they read).
 
 Limits: ``list``, ``find_waiting`` and ``claim`` list ``runs/`` and stat every file on each
 call (re-reading only files that changed), so they cost O(runs); the in-memory index holds
-every run's latest state.  File names are case-sensitive, as on Linux.
+every run's latest state.  The cache trusts the file size, so an edit by hand that keeps a
+file's size is not noticed by ``load``/``list`` (``ledger`` and the verifier read every
+line).  A commit outside ``hold`` waits for the run's lock without a timeout: a process
+holding run A while committing to run B, against another holding B and committing to A,
+would wait forever, so take holds one run at a time.  File names are case-sensitive, as on
+Linux.
 """
 
 from __future__ import annotations
@@ -441,7 +447,6 @@ class JsonlStore:
                     self._unlock_run(run)
         finally:
             self._checkin(run)
-
 
     # --- writing -------------------------------------------------------------------------
 
