@@ -396,8 +396,8 @@ def test_tampered_record_fails_verification(env: Any) -> None:
     assert info.value.seq == 1
 
 
-def _flip_payload_byte(path: Any, line_no: int) -> None:
-    """Change one byte of the first record body stored on line ``line_no`` of a run file.
+def _flip_payload_byte(path: Any, line_no: int, record: int = 0) -> None:
+    """Change one byte of record ``record`` (0-based) stored on line ``line_no`` of a run file.
 
     The byte is a hex digit of the body's ``state`` digest, swapped for another hex digit, so
     the body is still valid JSON and the line still decodes: only the signed bytes differ.
@@ -405,7 +405,10 @@ def _flip_payload_byte(path: Any, line_no: int) -> None:
     """
     lines = path.read_bytes().split(b"\n")
     line = lines[line_no]
-    start = line.index(b'"payload":"') + len(b'"payload":"')
+    start = -1
+    for _ in range(record + 1):
+        start = line.index(b'"payload":"', start + 1)
+    start += len(b'"payload":"')
     end = line.index(b'"', start)
     body = bytearray(base64.b64decode(line[start:end]))
     pos = body.index(b'"state":"') + len(b'"state":"') + 10
@@ -424,7 +427,9 @@ def test_tampered_jsonl_record_fails_verification(jsonl_env: Any) -> None:
     rt.close()
     files = list((env.root / "runs").glob("*.jsonl"))
     assert len(files) == 1
-    _flip_payload_byte(files[0], 1)  # the second commit: the effect request
+    # One commit: the start together with the node that asked; its second record is the
+    # effect request.
+    _flip_payload_byte(files[0], 0, record=1)
     fresh = env.open([approval])
     with pytest.raises(ChainError) as info:
         fresh.verify("r1")

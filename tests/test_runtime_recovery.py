@@ -73,8 +73,9 @@ def waiting_on(kind: str, run_id: str | None = None) -> Any:
 
 
 def resumed(run_id: str) -> Any:
-    """Crash rule: the commit that resumes ``run_id`` after a wait."""
-    return lambda rid, s: rid == run_id and s.status is Status.RUNNING and s.step > 2
+    """Crash rule: the commit that resumes ``run_id`` after its first wait (that commit also
+    carries the node the resume lets run, which here finishes or moves on)."""
+    return lambda rid, s: rid == run_id and s.step > 2 and s.status is not Status.WAITING
 
 
 def key_counts(env: Any, rt: Any, run_id: str) -> dict[tuple[str, str], int]:
@@ -103,10 +104,11 @@ def test_recover_continues_running_run(env: Any) -> None:
 def test_lost_commit_is_redone(env: Any) -> None:
     """A transition whose commit never reached the store is simply taken again."""
     charger = Charger()
-    rt = env.open([pipeline], {"charge": charger}, crash=running_at("charge"))
+    rt = env.open([pipeline], {"charge": charger}, crash=waiting_on("effect"))
     with pytest.raises(env.Crash):
         rt.start(pipeline, 5, run_id="p1")
-    assert rt.get("p1").node == "fetch"
+    assert rt.get("p1").node == "charge"
+    assert rt.get("p1").status is Status.RUNNING
     later = env.open([pipeline], {"charge": charger})
     later.recover()
     assert later.get("p1").status is Status.COMPLETED
