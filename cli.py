@@ -6,6 +6,7 @@ worker, SQL store and auditor work):
 
     wakepoint --version
     wakepoint ledger verify-chain RUN_ID --store URL [--key KEY_FILE]
+    wakepoint db upgrade URL
 
 ``verify-chain`` checks one run's chain (signatures, contiguous seq, prev links, genesis) with
 one key: ``--key``, or for a ``jsonl:PATH`` store the store's own ``PATH/signer.key``.  It is
@@ -13,8 +14,12 @@ the writer's self-check, not the auditor's verifier (trust roots, rotation and c
 not handled here).  It never creates anything: a store directory or key file that does not
 exist is an error, not a fresh store.
 
-Exit codes: 0 verified; 1 the chain does not verify or the run, store or key cannot be read;
-2 usage errors (argparse's convention).
+``db upgrade`` brings a SQL store's database (``sqlite:///PATH``, ``postgresql+psycopg://...``)
+to this code's schema under a migration lock; it is idempotent and refuses, writing nothing,
+a database that is not wakepoint's or is newer than this code.
+
+Exit codes: 0 verified (or upgraded); 1 the chain does not verify, the run, store or key cannot
+be read, or the database is refused; 2 usage errors (argparse's convention).
 """
 
 from __future__ import annotations
@@ -49,7 +54,29 @@ def _parser() -> argparse.ArgumentParser:
                         help="the store holding the run, e.g. jsonl:./.wakepoint")
     verify.add_argument("--key", metavar="KEY_FILE",
                         help="the signer's key file (default for jsonl:PATH: PATH/signer.key)")
+    db = commands.add_parser("db", help="manage a SQL store's database")
+    db_commands = db.add_subparsers(dest="db_command", metavar="COMMAND", required=True)
+    upgrade = db_commands.add_parser(
+        "upgrade", help="bring the database to this code's schema (idempotent)"
+    )
+    upgrade.add_argument("url", metavar="URL",
+                         help="a SQLAlchemy URL: sqlite:///PATH or postgresql+psycopg://...")
     return parser
+
+
+def _db_upgrade(args: argparse.Namespace) -> int:
+    from .migrations import HEAD, upgrade  # SQLAlchemy and Alembic load only for this command
+
+    try:
+        before = upgrade(args.url)
+    except WakepointError as exc:  # StoreError: not wakepoint's, newer schema, no driver, ...
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if before == HEAD:
+        print(f"ok: already at {HEAD}")
+    else:
+        print(f"ok: upgraded {before or 'an empty database'} -> {HEAD}")
+    return 0
 
 
 def _verify_chain(args: argparse.Namespace) -> int:
@@ -87,4 +114,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "ledger" and args.ledger_command == "verify-chain":
         return _verify_chain(args)
+    if args.command == "db" and args.db_command == "upgrade":
+        return _db_upgrade(args)
     raise AssertionError(f"unhandled command {args.command!r}")  # argparse requires one

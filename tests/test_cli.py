@@ -126,3 +126,36 @@ def test_verify_chain_creates_nothing(tmp_path: Path) -> None:
     assert not missing.exists()
     proc = wakepoint_cli("ledger", "verify-chain", "r1", "--store", "memory:", cwd=tmp_path)
     assert proc.returncode == 1 and "--key is required" in proc.stderr
+
+
+def test_db_upgrade_creates_then_is_idempotent(tmp_path: Path) -> None:
+    """``wakepoint db upgrade`` builds the schema on an empty SQLite file, a second run finds
+    it at head and changes nothing, and a store then opens on it without ``upgrade=True``."""
+    url = f"sqlite:///{tmp_path / 'wp.db'}"
+    first = wakepoint_cli("db", "upgrade", url, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "upgraded an empty database" in first.stdout
+    before = (tmp_path / "wp.db").read_bytes()
+    second = wakepoint_cli("db", "upgrade", url, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert "already at" in second.stdout
+    assert (tmp_path / "wp.db").read_bytes() == before
+    rt = Runtime(url, [approval], signer=tmp_path / "k.key")
+    assert rt.start(approval, run_id="r").status.value == "waiting"
+    rt.close()
+
+
+def test_db_upgrade_refuses_a_foreign_database(tmp_path: Path) -> None:
+    """A database with someone else's tables is refused with exit 1 and a message saying so,
+    and nothing is written to it."""
+    import sqlite3
+
+    path = tmp_path / "other.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("create table invoices (id integer)")
+    before = path.read_bytes()
+    result = wakepoint_cli("db", "upgrade", f"sqlite:///{path}", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "not a wakepoint database" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert path.read_bytes() == before
