@@ -341,7 +341,7 @@ class _RunChecker:
                                         actual=sig.keyid)
             try:
                 b: Body | _Chain = _body_strict.decode(body)
-            except msgspec.DecodeError as exc:
+            except ValueError as exc:  # msgspec errors and bad UTF-8 alike
                 return self.problem("malformed", line, slot, f"body: {exc}")
             if _body_encoder.encode(b) != body:
                 return self.problem("malformed", line, slot,
@@ -352,7 +352,7 @@ class _RunChecker:
                 return self.problem("malformed", line, slot, "an envelope without signatures")
             try:
                 b = _body_lenient.decode(body)
-            except msgspec.DecodeError as exc:
+            except ValueError as exc:  # msgspec errors and bad UTF-8 alike
                 return self.problem("malformed", line, slot, f"body: {exc}")
         return self._chain(b, sigs[0].keyid, [s.keyid for s in sigs[1:]], body, line, slot)
 
@@ -488,7 +488,7 @@ def check_run_file(path: str, rel: str, ctx: _Ctx, expect_name: bool = True) -> 
         if full:
             try:
                 decoded = _line_decoder.decode(raw)
-            except msgspec.DecodeError as exc:
+            except ValueError as exc:  # msgspec errors and bad UTF-8 alike
                 return chk.result(chk.problem("malformed", number, None, str(exc)), torn)
             state = bytes(decoded.state)
             envs = decoded.records
@@ -499,7 +499,7 @@ def check_run_file(path: str, rel: str, ctx: _Ctx, expect_name: bool = True) -> 
         else:
             try:
                 envs, state = _fast_envelopes(raw)
-            except (ValueError, msgspec.DecodeError) as exc:
+            except ValueError as exc:
                 return chk.result(chk.problem("malformed", number, None, str(exc)), torn)
         if not envs:
             return chk.result(chk.problem("malformed", number, None, "a commit without "
@@ -672,9 +672,11 @@ def _walk_index(g: _Global, data: bytes) -> Problem | None:
             if _encoder.encode(leaf_line) != raw:
                 raise msgspec.DecodeError("not in canonical form")
             hashes = [bytes.fromhex(h) for h in leaf_line.hashes]
-            if not hashes or any(len(h) != 32 for h in hashes):
-                raise msgspec.DecodeError("hashes must be 32-byte hex digests")
-        except (msgspec.DecodeError, ValueError) as exc:
+            # Lower-case hex only: one spelling per hash, so no edit of the index is neutral.
+            if not hashes or any(len(h) != 32 or h.hex() != t
+                                 for h, t in zip(hashes, leaf_line.hashes, strict=True)):
+                raise msgspec.DecodeError("hashes must be 32-byte lower-case hex digests")
+        except ValueError as exc:
             return Problem(code="malformed", where=where, detail=f"index: {exc}")
         for offset, h in enumerate(hashes):
             p = g.leaf(leaf_line.run_id, leaf_line.seq + offset, h, where)
