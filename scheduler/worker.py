@@ -1,0 +1,404 @@
+"""``Worker``: keeps runs moving - claims what is due, drives it, sleeps until the next due time.
+
+Theory of operation.  One loop thread and a pool of ``concurrency`` threads.  The loop asks the
+store to ``claim`` up to as many runs as there are free threads (RUNNING runs, and WAITING runs
+whose deadline has passed, that no other worker holds an unexpired lease on), hands each to a
+pool thread, which calls ``Runtime.recover_run`` - a RUNNING run is driven on, a due timer,
+event deadline or question timeout fires - and releases the lease when the run blocks or
+finishes.  Then the loop arms the alarm (``scheduler.alarm``) for the earliest of: the next
+deadline the store holds within ``poll`` seconds, the next cron tick, and ``now + poll``; and
+sleeps until it rings, a pool thread frees up, or a commit in this process creates an earlier
+deadline (the runtime's ``on_due`` callback).  Waiting runs therefore cost nothing: no thread,
+no timer object and no memory per run; the poll (2 s by default) is what catches timers
+created by *other* processes less than ``poll`` ahead, and runs orphaned by a dead worker.
+
+Start-up is recovery: the first claim rounds take every RUNNING run and every overdue wait
+(nothing else holds a lease on them after a restart), cron schedules catch up (see
+``scheduler.cron``), and the orphan sweep below runs at once.
+
+What is exactly-once, and what is not (several workers, or workers next to client processes):
+
+* **Commits.**  Every transition is committed at most once: the store's seq check lets one
+  writer win, the loser stops driving (``run.conflict``).  Leases do not guard this, so a lease
+  that expires while its holder still drives the run (a node function stuck for longer than
+  ``lease``; the worker logs ``lease.lost``) costs duplicate node executions, never a
+  duplicate commit.
+* **``call`` effects.**  A call is dispatched by the process whose commit recorded the request
+  - one process, by the rule above - and by no one else while that process lives: a run
+  WAITING on an effect is never handed out by ``claim``, whatever its lease says, so a slow
+  call needs no lease renewal.  If that process dies before the outcome is committed, the
+  request is *orphaned*; the orphan sweep (every ``orphan_after / 2`` seconds, jittered, and at
+  start-up) dispatches again every effect whose request is older than ``orphan_after``, with
+  the same idempotency key (``run_id:step``).  So a function may run twice only (a) after its
+  dispatcher died, or (b) when it runs longer than ``orphan_after`` (set it above your longest
+  call: attempts x timeout + backoff), or (c) when two workers sweep the same orphan at the
+  same moment.  In every case the outcome is committed once (the second commit conflicts),
+  and a function that keys its side effect on ``idempotency_key`` takes effect once.
+* **Why staleness and not the lease** decides that an effect is orphaned: the store protocol
+  only exposes leases through ``claim`` of runs that need a worker, and a WAITING-on-effect
+  run does not.  A store-side ``claim`` of "WAITING on an effect, lease expired" runs, with
+  the dispatcher renewing its lease, would make (b) and (c) go away; it needs a store change.
+
+Shutdown (``stop()``, SIGTERM, SIGINT): stop claiming, let every pool thread finish the run it
+drives until that run blocks or finishes (a running ``call`` is not interrupted), release the
+leases, stop the alarm.  Events (structlog, logger ``wakepoint.worker``, ``worker`` bound):
+``worker.started``, ``claim``, ``wake`` (a due wait fired), ``resume`` (a RUNNING run driven
+on), ``orphan.redispatch``, ``lease.lost``, ``cron.started``, ``cron.skipped`` (another worker
+won the tick), ``worker.stopped``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import socket
+import threading
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta, tzinfo
+from typing import Any
+
+import structlog
+
+from ..kernel.errors import RunExists, WakepointError
+from ..kernel.types import RunState, Status
+from ..kernel.workflow import Workflow
+from ..runtime import Runtime
+from .alarm import Alarm
+from .cron import Missed, Schedule
+
+_HORIZON_LIMIT = 1000
+"""At most this many upcoming deadlines are read per arming (the poll catches any beyond)."""
+
+
+def _seconds(value: float | timedelta) -> timedelta:
+    return value if isinstance(value, timedelta) else timedelta(seconds=value)
+
+
+class Worker:
+    """Drives the runs of ``runtime`` that need a worker; see the module docstring.
+
+    ``worker_id`` names this worker in leases (default: host, pid and a random suffix, so a
+    restarted process never inherits its predecessor's leases).  ``lease``, ``poll`` and
+    ``orphan_after`` are seconds or ``timedelta``s.
+    """
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        worker_id: str | None = None,
+        concurrency: int = 1,
+        lease: float | timedelta = 30.0,
+        poll: float | timedelta = 2.0,
+        *,
+        orphan_after: float | timedelta = 60.0,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self.runtime = runtime
+        self.worker_id = worker_id or (
+            f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        )
+        self.concurrency = concurrency
+        self.lease = _seconds(lease)
+        self.poll = _seconds(poll)
+        self.orphan_after = _seconds(orphan_after)
+        if self.lease <= timedelta(0) or self.poll <= timedelta(0):
+            raise ValueError("lease and poll must be positive")
+        self.stats: Counter[str] = Counter()
+        """Counts of ``claim``, ``wake``, ``resume``, ``orphan``, ``lease.lost``, ``cron.*``."""
+        self._log = structlog.get_logger("wakepoint.worker").bind(worker=self.worker_id)
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._stopped = threading.Event()
+        self._running = False
+        self._lock = threading.Lock()
+        self._inflight: dict[str, datetime] = {}  # run id -> when its lease expires
+        self._reported: datetime | None = None  # earliest deadline on_due told since arming
+        self._alarm = Alarm(self._wake.set)
+        self._schedules: list[Schedule] = []
+        self._next_tick: list[datetime] = []
+        self._next_sweep: datetime | None = None
+        self._pool: ThreadPoolExecutor | None = None
+
+    def __repr__(self) -> str:
+        return f"Worker({self.worker_id!r}, concurrency={self.concurrency})"
+
+    # --- configuration -----------------------------------------------------------------------
+
+    def schedule(
+        self,
+        workflow: Workflow | str,
+        cron: str,
+        input: Any = None,
+        *,
+        missed: Missed = "run_once",
+        timezone: tzinfo | None = None,
+    ) -> Schedule:
+        """Start ``workflow`` with ``input`` on every tick of ``cron`` (see ``scheduler.cron``).
+
+        Every worker of a deployment should declare the same schedules: each tick starts one
+        run whichever workers fire it.  Call before ``run()``.
+        """
+        if self._running:
+            raise RuntimeError("schedule() must be called before run()")
+        if isinstance(workflow, Workflow):
+            self.runtime.register(workflow)
+            workflow = workflow.id
+        self.runtime.workflow(workflow)  # UnknownWorkflow now, not at the first tick
+        options: dict[str, Any] = {} if timezone is None else {"timezone": timezone}
+        sched = Schedule(workflow, cron, input, missed, **options)
+        self._schedules.append(sched)
+        return sched
+
+    # --- running -----------------------------------------------------------------------------
+
+    def run(self, *, install_signals: bool = True) -> None:
+        """Run until ``stop()`` (or SIGTERM/SIGINT, when called on the main thread)."""
+        if self._running:
+            raise RuntimeError("this worker is already running")
+        self._running = True
+        rt = self.runtime
+        previous_on_due = rt.on_due
+        rt.on_due = self._chain(previous_on_due)
+        self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="wakepoint-work")
+        try:
+            with self._signals(install_signals):
+                self._alarm.start()
+                self._log.info("worker.started", concurrency=self.concurrency,
+                               lease=self.lease.total_seconds(),
+                               poll=self.poll.total_seconds())
+                self._loop()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._alarm.stop()
+            rt.on_due = previous_on_due
+            self._release_all()
+            self._log.info("worker.stopped", **dict(sorted(self.stats.items())))
+            self._stopped.set()
+
+    def run_in_thread(self) -> threading.Thread:
+        """Run in a daemon thread (no signal handlers); ``stop()`` ends it."""
+        thread = threading.Thread(target=self.run, kwargs={"install_signals": False},
+                                  name="wakepoint-worker", daemon=True)
+        thread.start()
+        return thread
+
+    def stop(self, *, wait: bool = True, timeout: float | None = None) -> bool:
+        """Ask the worker to stop; with ``wait``, wait until it has (whether it has)."""
+        self._stopping.set()
+        self._wake.set()
+        if wait and self._running:
+            return self._stopped.wait(timeout)
+        return self._stopped.is_set()
+
+    def wake(self) -> None:
+        """Claim now instead of at the next alarm (e.g. after another process started runs)."""
+        self._wake.set()
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        now = self.runtime.clock()
+        self._start_schedules(now)
+        self._next_sweep = now  # sweep orphans at start-up
+        while not self._stopping.is_set():
+            now = self.runtime.clock()
+            more = self._claim(now)
+            self._fire_cron(now)
+            if self._next_sweep is not None and now >= self._next_sweep:
+                self._sweep(now)
+            if more:
+                continue  # free threads and claimable runs left: claim again at once
+            self._arm(now)
+            self._wake.wait()
+            self._wake.clear()
+
+    def _free(self) -> int:
+        with self._lock:
+            return self.concurrency - len(self._inflight)
+
+    def _claim(self, now: datetime) -> bool:
+        """One claim round; whether more runs may be claimable right away."""
+        free = self._free()
+        if free <= 0 or self._stopping.is_set():
+            return False
+        states = self.runtime.store.claim(now, self.worker_id, self.lease, free)
+        fresh = 0
+        for state in states:
+            with self._lock:
+                if state.run_id in self._inflight:
+                    continue  # our own run, still being driven: the claim renewed its lease
+                self._inflight[state.run_id] = now + self.lease
+            fresh += 1
+            self.stats["claim"] += 1
+            self._log.debug("claim", run_id=state.run_id, workflow=state.workflow,
+                            node=state.node, step=state.step, status=state.status.value)
+            self._submit(self._work, state, redispatch=False)
+        return fresh >= free
+
+    def _submit(self, fn: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+        assert self._pool is not None
+        self._pool.submit(fn, *args, **kwargs)
+
+    def _work(self, state: RunState, *, redispatch: bool) -> None:
+        """Drive one claimed (or orphaned) run in a pool thread, then give its lease back."""
+        run_id = state.run_id
+        log = self._log.bind(run_id=run_id, workflow=state.workflow)
+        try:
+            if redispatch:
+                event = "orphan.redispatch"
+                self.stats["orphan"] += 1
+            elif state.status is Status.RUNNING:
+                event = "resume"
+                self.stats["resume"] += 1
+            else:
+                event = "wake"
+                self.stats["wake"] += 1
+            log.info(event, node=state.node, step=state.step)
+            self.runtime.recover_run(run_id, redispatch=redispatch)
+        except Exception as exc:  # a store failure or a bug: log it, keep the worker alive
+            log.exception("run.failed", error=str(exc))
+        finally:
+            with self._lock:
+                expires = self._inflight.pop(run_id, None)
+            if expires is not None and self.runtime.clock() > expires:
+                self.stats["lease.lost"] += 1
+                log.warning("lease.lost", lease=self.lease.total_seconds())
+            if not redispatch:
+                self._release(run_id)
+            self._wake.set()  # a thread is free
+
+    def _release(self, run_id: str) -> None:
+        try:
+            self.runtime.store.release(run_id, self.worker_id)
+        except Exception as exc:  # the lease then simply expires
+            self._log.warning("lease.release_failed", run_id=run_id, error=str(exc))
+
+    def _release_all(self) -> None:
+        with self._lock:
+            left, self._inflight = list(self._inflight), {}
+        for run_id in left:
+            self._release(run_id)
+
+    # --- the alarm ---------------------------------------------------------------------------
+
+    def _chain(self, previous: Callable[[datetime], None] | None) -> Callable[[datetime], None]:
+        def on_due(deadline: datetime) -> None:
+            # Recorded before re-arming, so that an _arm() racing with us sees it (see _arm).
+            reported = self._reported
+            if reported is None or deadline < reported:
+                self._reported = deadline
+            self._alarm.arm_earlier(deadline)
+            if previous is not None:
+                previous(deadline)
+
+        return on_due
+
+    def _arm(self, now: datetime) -> None:
+        """Arm the alarm for the next moment worth waking up for."""
+        self._reported = None
+        at = now + self.poll
+        for state in self.runtime.store.list(
+            status=Status.WAITING, due_before=at, limit=_HORIZON_LIMIT
+        ):
+            deadline = state.wait.deadline if state.wait is not None else None
+            # An overdue wait we did not get is leased by another worker: its holder drives
+            # it, and the poll looks again in case that worker died.
+            if deadline is not None and now < deadline < at:
+                at = deadline
+        at = min([at, *self._next_tick])
+        self._alarm.arm(at)
+        reported = self._latest_report()
+        if reported is not None and reported < at:
+            self._alarm.arm_earlier(reported)
+
+    def _latest_report(self) -> datetime | None:
+        return self._reported  # read again: on_due may have set it since _arm cleared it
+
+    # --- orphaned effects --------------------------------------------------------------------
+
+    def _sweep(self, now: datetime) -> None:
+        """Dispatch again the effects whose requesting process is presumed dead."""
+        half = self.orphan_after.total_seconds() / 2
+        self._next_sweep = now + timedelta(seconds=half * (1 + random.random()))
+        cutoff = now - self.orphan_after
+        for kind in ("effect", "child"):
+            for state in self.runtime.store.list(status=Status.WAITING, wait_kind=kind):
+                if state.updated_at > cutoff or not self._serves(state.workflow):
+                    continue
+                with self._lock:
+                    if state.run_id in self._inflight:
+                        continue
+                    self._inflight[state.run_id] = now + self.orphan_after
+                self._submit(self._work, state, redispatch=True)
+
+    def _serves(self, workflow: str) -> bool:
+        try:
+            self.runtime.workflow(workflow)
+        except WakepointError:
+            return False
+        return True
+
+    # --- cron --------------------------------------------------------------------------------
+
+    def _start_schedules(self, now: datetime) -> None:
+        self._next_tick = []
+        for sched in self._schedules:
+            first = sched.first_tick(now)  # a tick exactly now is fired by _fire_cron ...
+            last = sched.last_tick(now)
+            if sched.missed == "run_once" and last is not None:
+                self._start_cron(sched, last)
+                if first == last:  # ... unless the catch-up just fired it
+                    first = sched.next_tick(last)
+            self._next_tick.append(first)
+
+    def _fire_cron(self, now: datetime) -> None:
+        for i, sched in enumerate(self._schedules):
+            tick = self._next_tick[i]
+            if tick > now:
+                continue
+            latest = sched.last_tick(now) or tick  # ticks noticed late coalesce to the latest
+            self._start_cron(sched, latest)
+            self._next_tick[i] = sched.next_tick(latest)
+
+    def _start_cron(self, sched: Schedule, tick: datetime) -> None:
+        self._submit(self._cron_run, sched, tick)
+
+    def _cron_run(self, sched: Schedule, tick: datetime) -> None:
+        run_id = sched.run_id(tick)
+        try:
+            self.runtime.start(sched.workflow, sched.input, run_id=run_id)
+        except RunExists:
+            self.stats["cron.skipped"] += 1
+            self._log.info("cron.skipped", run_id=run_id, workflow=sched.workflow)
+            return
+        except Exception as exc:  # the run exists and failed, or the store failed: logged
+            self._log.exception("cron.failed", run_id=run_id, workflow=sched.workflow,
+                                error=str(exc))
+            return
+        self.stats["cron.started"] += 1
+        self._log.info("cron.started", run_id=run_id, workflow=sched.workflow)
+
+    # --- signals -----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _signals(self, install: bool) -> Iterator[None]:
+        if not install or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum: int, _frame: object) -> None:
+            self._log.info("worker.stopping", signal=signal.Signals(signum).name)
+            self.stop(wait=False)
+
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
