@@ -1,14 +1,17 @@
 """``Runtime``: the only place where kernel, store, handlers, signer and clock meet.
 
-Commit protocol.  Every kernel transition becomes one atomic ``store.commit`` carrying the new
-state and its signed ledger record; an effect is handed to its handler only *after* the commit
-that records the request, and its result is applied by a further commit.  Consequences:
+Commit protocol.  Every kernel transition is signed into exactly one ledger record, and
+every ``store.commit`` is atomic: the new state and its records land together or not at all.
+An input (start, resume, a timeout, an effect's outcome) is committed *together with* the node
+it lets run, so a caller's call costs one write; every further node gets a commit of its own.
+An effect is handed to its handler only *after* the commit that records the request.
+Consequences:
 
 * A crash at any point leaves the run at its last commit.  ``recover()`` continues RUNNING
   runs, dispatches again the effects that were requested but never resolved, resumes parents
   whose child finished, and fires due timers and deadlines.
 * Nodes and effect handlers may run more than once (at-least-once); a result, once committed,
-  is never recomputed because the run has moved past the node that asked for it.
+  is never recomputed, and a node whose commit returned never runs again.
 * A writer that loses a race gets ``ConflictError`` from the store; the runtime then stops
   driving that run (the winner drives it) or, for an explicit ``resume``, reloads and retries.
 
@@ -38,7 +41,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import structlog
 
@@ -72,6 +75,11 @@ from .stores import MemoryStore, open_store
 from .stores.base import Durability, Store
 
 DEFAULT_HOME = ".wakepoint"
+_RETRIES = 3
+"""How often an explicit input (resume, cancel) is re-applied after losing a race."""
+
+_Work: TypeAlias = tuple[RunState | None, Transition | None]
+"""A queued drive: the run's last committed state (None: not created) and a pending input."""
 _KEY_FILE = "signer.key"
 
 
@@ -195,12 +203,12 @@ class Runtime:
             wf = self.workflow(workflow)
         with self._lock:
             tr = kernel.start(wf, run_id or uuid.uuid4().hex, input, self.clock())
-            state = self._create(tr)
-            self._log.info(
-                "run.started", run_id=state.run_id, workflow=wf.id, node=state.node,
-                step=state.step,
-            )
-            return self._drive([state], state.run_id)
+            self._log.info("run.started", run_id=tr.state.run_id, workflow=wf.id,
+                           node=tr.state.node, step=tr.state.step)
+            queue: deque[_Work] = deque()
+            self._advance((None, tr), queue, strict=True)
+            self._run_queue(queue)
+            return self.store.load(tr.state.run_id)
 
     def resume(self, run_id: str, key: str, payload: Any = None) -> RunState:
         """Deliver ``payload`` to a run waiting on ``key`` and drive it on.
@@ -209,9 +217,20 @@ class Runtime:
         ``InvalidAnswer`` or ``UnencodableValue``; on any of them nothing is stored.
         """
         with self._lock:
-            state = self._apply(run_id, lambda s: kernel.resume(
-                self.workflow(s.workflow), s, key, payload, self.clock()))
-            return self._drive([state], run_id)
+            for attempt in range(_RETRIES):
+                state = self.store.load(run_id)
+                tr = kernel.resume(self.workflow(state.workflow), state, key, payload,
+                                   self.clock())
+                queue: deque[_Work] = deque()
+                try:
+                    self._advance((state, tr), queue, strict=True)
+                except ConflictError:
+                    if attempt == _RETRIES - 1:
+                        raise
+                    continue  # lost a race: reload, and the kernel re-checks the input
+                self._run_queue(queue)
+                break
+            return self.store.load(run_id)
 
     def respond(self, run_id: str, answer: Any) -> RunState:
         """Answer the question a run asked with ``ask_user``; ``InvalidAnswer`` if not a choice."""
@@ -256,7 +275,7 @@ class Runtime:
             state = self._apply(run_id, lambda s: kernel.cancel(s, reason, self.clock()))
             self._log.info("run.cancelled", run_id=run_id, workflow=state.workflow,
                            node=state.node, step=state.step)
-            queue: deque[RunState] = deque()
+            queue: deque[_Work] = deque()
             if cascade:
                 for child_id in state.children:
                     try:
@@ -298,11 +317,11 @@ class Runtime:
         """
         with self._lock:
             now = self.clock()
-            queue: deque[RunState] = deque()
+            queue: deque[_Work] = deque()
             touched: builtins.list[str] = []
             for state in self.store.list(status=Status.RUNNING):
                 if self._serves(state) and not self._cascade_cancel(state):
-                    queue.append(state)
+                    queue.append((state, None))
                 touched.append(state.run_id)
             for state in self.store.list(status=Status.WAITING):
                 if not self._serves(state):
@@ -320,16 +339,18 @@ class Runtime:
             self._log.info("recovered", runs=len(touched))
             return [self.store.load(r) for r in dict.fromkeys(touched)]
 
-    def _recover_waiting(self, state: RunState, now: datetime, queue: deque[RunState]) -> bool:
+    def _recover_waiting(self, state: RunState, now: datetime, queue: deque[_Work]) -> bool:
         """Recover one WAITING run; whether there was anything to do."""
         wait = state.wait
         assert wait is not None
         if self._cascade_cancel(state):
             return True
         if wait.deadline is not None and wait.deadline <= now:
-            queue.append(self._commit(state, kernel.timeout(state, now)))
+            queue.append((state, kernel.timeout(state, now)))
         elif wait.kind == "effect" and wait.effect is not None:
-            queue.append(self._dispatch(state, wait.effect, queue))
+            tr = self._dispatch(state, wait.effect, queue)
+            if tr is not None:
+                queue.append((state, tr))
         elif wait.kind == "child" and wait.effect is not None:
             self._recover_child(state, wait.effect, queue)
         else:
@@ -369,10 +390,10 @@ class Runtime:
         state = self.store.load(run_id)
         if not self._serves(state):
             return state
-        queue: deque[RunState] = deque()
+        queue: deque[_Work] = deque()
         if state.status is Status.RUNNING:
             if not self._cascade_cancel(state):
-                queue.append(state)
+                queue.append((state, None))
         elif state.status is Status.WAITING and state.wait is not None:
             now = self.clock()
             deadline = state.wait.deadline
@@ -394,14 +415,14 @@ class Runtime:
         """Fire every timer and deadline that is due at ``now``; return the runs' new states."""
         with self._lock:
             now = now or self.clock()
-            queue: deque[RunState] = deque()
-            for state in self.store.list(status=Status.WAITING, due_before=now):
-                try:
-                    queue.append(self._commit(state, kernel.timeout(state, now)))
-                except ConflictError:
-                    continue  # another process woke it
-            woken = [s.run_id for s in queue]
-            self._run_queue(queue)
+            queue: deque[_Work] = deque(
+                (state, kernel.timeout(state, now))
+                for state in self.store.list(status=Status.WAITING, due_before=now)
+                if self._serves(state)
+            )
+            woken = [state.run_id for state, _ in queue if state is not None]
+            # Tolerant: a run another process woke first conflicts and is left to it.
+            self._run_queue(queue, tolerant=True)
             return [self.store.load(r) for r in woken]
 
     def next_due(self) -> datetime | None:
@@ -424,28 +445,40 @@ class Runtime:
 
     # --- the engine --------------------------------------------------------------------------
 
-    def _create(self, tr: Transition) -> RunState:
-        state, records = sign_entries(
+    def _sign(self, tr: Transition, records: builtins.list[Record]) -> RunState:
+        """Sign ``tr``'s entries onto the chain; return its state with the new ledger head.
+
+        The kernel copies ``seq``/``head`` from its input state, so they name the record
+        before this transition, which is where the new records chain on.
+        """
+        state, new = sign_entries(
             self.signer, self.store.log_id, tr.state, tr.entries, tr.state.updated_at,
-            prev_seq=-1, prev_head="",
+            prev_seq=tr.state.seq, prev_head=tr.state.head,
         )
-        self.store.create(state, records)
+        records.extend(new)
         return state
 
-    def _commit(self, old: RunState, tr: Transition) -> RunState:
-        state, records = sign_entries(
-            self.signer, self.store.log_id, tr.state, tr.entries, tr.state.updated_at,
-            prev_seq=old.seq, prev_head=old.head,
-        )
-        self.store.commit(old.run_id, old.seq, state, records)
+    def _store(
+        self, committed: RunState | None, state: RunState, records: builtins.list[Record]
+    ) -> None:
+        """Commit ``records`` and ``state`` on top of ``committed`` (None: create the run)."""
+        if committed is None:
+            self.store.create(state, records)
+        else:
+            self.store.commit(state.run_id, committed.seq, state, records)
         wait = state.wait
         if self.on_due is not None and wait is not None and wait.deadline is not None:
             self.on_due(wait.deadline)
+
+    def _commit(self, old: RunState, tr: Transition) -> RunState:
+        records: builtins.list[Record] = []
+        state = self._sign(tr, records)
+        self._store(old, state, records)
         return state
 
     def _apply(self, run_id: str, make: Callable[[RunState], Transition]) -> RunState:
         """Load, transition and commit, retrying on a lost race (the input is re-checked)."""
-        for _ in range(3):
+        for _ in range(_RETRIES - 1):
             state = self.store.load(run_id)
             tr = make(state)
             try:
@@ -455,42 +488,73 @@ class Runtime:
         state = self.store.load(run_id)
         return self._commit(state, make(state))
 
-    def _drive(self, initial: Iterable[RunState], result_id: str) -> RunState:
-        queue = deque(initial)
-        self._run_queue(queue)
-        return self.store.load(result_id)
-
-    def _run_queue(self, queue: deque[RunState], *, tolerant: bool = False) -> None:
+    def _run_queue(self, queue: deque[_Work], *, tolerant: bool = False) -> None:
         """Drive every queued run.  ``tolerant``: log a run that cannot advance and go on
         (recovery), instead of raising to the caller who asked for that run (start, resume).
         """
         while queue:
-            state = queue.popleft()
+            work = queue.popleft()
             if not tolerant:
-                self._advance(state, queue)
+                self._advance(work, queue)
                 continue
             try:
-                self._advance(state, queue)
+                self._advance(work, queue)
             except WakepointError as exc:
+                state = work[1].state if work[1] is not None else work[0]
+                assert state is not None
                 self._log.error("run.stuck", run_id=state.run_id, workflow=state.workflow,
                                 node=state.node, step=state.step, error=str(exc))
 
-    def _advance(self, state: RunState, queue: deque[RunState]) -> None:
-        """Drive one run until it blocks or finishes, queueing the runs it affects."""
-        if state.status is Status.WAITING:
-            return  # parked: whoever resolves the wait queues it again
+    def _advance(self, work: _Work, queue: deque[_Work], *, strict: bool = False) -> None:
+        """Drive one run until it blocks or finishes, queueing the runs it affects.
+
+        ``work`` is the run's last committed state (None: not created yet) and a transition
+        not yet committed (an input: start, resume, timeout, an effect's outcome).  That input
+        is committed *together with* the node it lets run, in one atomic commit with one
+        signed record per transition: if the process dies first, neither happened, and the
+        caller's call never returned.  Every further node gets a commit of its own, so a
+        completed node is never run again after a crash.  ``strict``: a lost race on that
+        first commit raises ``ConflictError`` (the caller reloads); later ones mean another
+        process drives the run, and end this drive quietly.
+        """
+        committed, pending = work
+        state = pending.state if pending is not None else committed
+        assert state is not None
         wf = self.workflow(state.workflow)
+        records: builtins.list[Record] = []
+        if pending is not None:
+            state = self._sign(pending, records)
         debug = self._log.debug
+        first = True
         try:
             with self.store.hold(state.run_id):
-                while state.status is Status.RUNNING:
-                    tr = kernel.tick(wf, state, self.clock())
-                    state = self._commit(state, tr)
-                    debug("transition", run_id=state.run_id, workflow=state.workflow,
-                          node=state.node, step=state.step, kind=tr.entries[0].kind)
-                    if tr.effects:
-                        state = self._dispatch(state, tr.effects[0], queue)
+                while True:
+                    effect: Effect | None = None
+                    if state.status is Status.RUNNING:
+                        try:
+                            tr = kernel.tick(wf, state, self.clock())
+                        except WakepointError:
+                            if records:  # keep the input; the node's failure is the caller's
+                                self._store(committed, state, records)
+                            raise
+                        state = self._sign(tr, records)
+                        debug("transition", run_id=state.run_id, workflow=state.workflow,
+                              node=state.node, step=state.step, kind=tr.entries[0].kind)
+                        effect = tr.effects[0] if tr.effects else None
+                    if records:
+                        self._store(committed, state, records)
+                        committed, records, first = state, [], False
+                    if effect is not None:
+                        # The request is committed: now the handler may act on it.
+                        outcome = self._dispatch(state, effect, queue)
+                        if outcome is not None:
+                            state = self._sign(outcome, records)
+                            continue
+                    if state.status is not Status.RUNNING:
+                        break
         except ConflictError:
+            if strict and first:
+                raise
             # Another process committed to this run first; it is that process's to drive.
             self._log.info("run.conflict", run_id=state.run_id, workflow=state.workflow,
                            node=state.node, step=state.step)
@@ -500,8 +564,14 @@ class Runtime:
                            workflow=state.workflow, node=state.node, step=state.step)
             self._finished(state, queue)
 
-    def _dispatch(self, state: RunState, effect: Effect, queue: deque[RunState]) -> RunState:
-        """Hand a committed effect request to its handler and apply the outcome."""
+    def _dispatch(
+        self, state: RunState, effect: Effect, queue: deque[_Work]
+    ) -> Transition | None:
+        """Hand a committed effect request to its handler; the outcome's transition, if any.
+
+        None means the run stays parked.  The transition is not committed here: the caller
+        commits it together with the node it lets run.
+        """
         wait = state.wait
         assert wait is not None
         kind = effect_kind(effect)
@@ -511,23 +581,21 @@ class Runtime:
         except Exception as exc:  # a handler bug or UnknownEffect: the effect failed
             outcome = Failed(type=type(exc).__qualname__, message=str(exc))
         if isinstance(outcome, Parked):
-            return state
+            return None
         now = self.clock()
         if isinstance(outcome, Resolved):
             try:
-                tr = kernel.resume(self.workflow(state.workflow), state, wait.key,
-                                   outcome.value, now)
+                return kernel.resume(self.workflow(state.workflow), state, wait.key,
+                                     outcome.value, now)
             except UnencodableValue as exc:
-                tr = kernel.reject(state, wait.key,
-                                   ErrorInfo(type="UnencodableValue", message=str(exc)), now)
-        else:
-            self._log.warning("effect.failed", run_id=state.run_id, workflow=state.workflow,
-                              node=state.node, step=state.step, effect=kind,
-                              error=outcome.message)
-            tr = kernel.reject(state, wait.key, outcome.error(), now)
-        return self._commit(state, tr)
+                return kernel.reject(state, wait.key,
+                                     ErrorInfo(type="UnencodableValue", message=str(exc)), now)
+        self._log.warning("effect.failed", run_id=state.run_id, workflow=state.workflow,
+                          node=state.node, step=state.step, effect=kind,
+                          error=outcome.message)
+        return kernel.reject(state, wait.key, outcome.error(), now)
 
-    def _finished(self, child: RunState, queue: deque[RunState]) -> None:
+    def _finished(self, child: RunState, queue: deque[_Work]) -> None:
         """A run ended: resume the parent that waits for it, if any."""
         link = child.parent
         if link is None:
@@ -550,17 +618,16 @@ class Runtime:
             tr = kernel.reject(parent, wait.key, ErrorInfo(
                 type=error.type, message=f"child run {child.run_id} {child.status.value}: "
                 f"{error.message}"), now)
-        try:
-            queue.append(self._commit(parent, tr))
-        except ConflictError:
-            return  # another process resumed the parent
+        queue.append((parent, tr))  # committed with the parent's next node
 
-    def _recover_child(self, parent: RunState, effect: Effect, queue: deque[RunState]) -> None:
+    def _recover_child(self, parent: RunState, effect: Effect, queue: deque[_Work]) -> None:
         assert parent.wait is not None
         try:
             child = self.store.load(parent.wait.key)
         except RunNotFound:
-            queue.append(self._dispatch(parent, effect, queue))  # the child was never created
+            tr = self._dispatch(parent, effect, queue)  # the child was never created
+            if tr is not None:
+                queue.append((parent, tr))
             return
         if child.status.finished:
             self._finished(child, queue)
@@ -569,16 +636,19 @@ class Runtime:
 
     def _start_child(
         self, workflow: str, input: Any, run_id: str, parent: ParentLink,
-        queue: deque[RunState],
+        queue: deque[_Work],
     ) -> RunState:
         try:
             return self.store.load(run_id)
         except RunNotFound:
             pass
-        state = self._create(
-            kernel.start(self.workflow(workflow), run_id, input, self.clock(), parent=parent)
-        )
-        queue.append(state)
+        # Created now, not merged with its first node: a detached parent moves on at once, and
+        # must never point at a child that a crash could leave uncreated.
+        tr = kernel.start(self.workflow(workflow), run_id, input, self.clock(), parent=parent)
+        records: builtins.list[Record] = []
+        state = self._sign(tr, records)
+        self._store(None, state, records)
+        queue.append((state, None))
         return state
 
 
@@ -587,7 +657,7 @@ class _Context:
 
     __slots__ = ("_queue", "_rt")
 
-    def __init__(self, rt: Runtime, queue: deque[RunState]) -> None:
+    def __init__(self, rt: Runtime, queue: deque[_Work]) -> None:
         self._rt = rt
         self._queue = queue
 
