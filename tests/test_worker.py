@@ -1,0 +1,347 @@
+"""``Worker`` in one process: timers wake on time, start-up recovers, orphans are re-dispatched
+only when stale, cron ticks start one run however many workers fire them, stop is graceful.
+
+Workers here run on the real clock (the alarm is APScheduler's, which reads the real clock);
+several ``Runtime``s on one JSONL directory stand for several processes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from wakepoint import Runtime, RunView, Status, Workflow, call, done, wait_until
+from wakepoint.scheduler import App, Worker, load_app
+from wakepoint.stores import MemoryStore
+
+timer_wf = Workflow("timer")
+
+
+@timer_wf.node(start=True)
+def sleep_first(run: RunView) -> Any:
+    return wait_until(run.input, then="woke")
+
+
+@timer_wf.node
+def woke(run: RunView) -> Any:
+    return done(run.now.isoformat())
+
+
+def _create_running(rt: Runtime, wf: Workflow, run_id: str, input: Any) -> None:
+    """Store a new RUNNING run that nobody drives: a client that died right after creating it."""
+    from wakepoint.kernel import transitions as kernel
+    from wakepoint.ledger.records import sign_entries
+
+    tr = kernel.start(wf, run_id, input, datetime.now(UTC))
+    state, records = sign_entries(rt.signer, rt.store.log_id, tr.state, tr.entries,
+                                  tr.state.updated_at, prev_seq=-1, prev_head="")
+    rt.store.create(state, records)
+
+
+def _wait_for(predicate: Any, timeout: float = 10.0) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def jsonl(tmp_path: Path) -> str:
+    return f"jsonl:{tmp_path / 'store'}"
+
+
+@pytest.fixture
+def workers() -> Iterator[list[Worker]]:
+    started: list[Worker] = []
+    yield started
+    for w in started:
+        w.stop(timeout=10)
+
+
+def _run(worker: Worker, workers: list[Worker]) -> Worker:
+    workers.append(worker)
+    worker.run_in_thread()
+    return worker
+
+
+def test_timers_fire_on_time_on_a_live_worker(workers: list[Worker]) -> None:
+    """Timers set by runs in the worker's own process wake within a loose 150 ms of their
+    due time, without waiting for the poll (on_due re-arms the alarm)."""
+    rt = Runtime("memory:", [timer_wf])
+    _run(Worker(rt, concurrency=2, poll=30), workers)
+    time.sleep(0.05)  # the worker has armed for now + poll
+    for i in range(20):
+        rt.start(timer_wf, 0.2 + i * 0.01, run_id=f"t{i}")
+    _wait_for(lambda: len(rt.list(status=Status.COMPLETED)) == 20)
+    for state in rt.list(status=Status.COMPLETED):
+        due = state.created_at + timedelta(seconds=0.2 + int(state.run_id[1:]) * 0.01)
+        late = datetime.fromisoformat(state.output) - due
+        assert timedelta(0) <= late < timedelta(milliseconds=150), (state.run_id, late)
+
+
+def test_timers_created_by_another_process_are_caught_by_the_poll(
+    jsonl: str, workers: list[Worker]
+) -> None:
+    """A timer another process creates (another Runtime on the same directory) fires
+    at the latest one poll interval after it is due."""
+    worker_rt = Runtime(jsonl, [timer_wf])
+    _run(Worker(worker_rt, poll=0.3), workers)
+    client = Runtime(jsonl, [timer_wf])
+    client.start(timer_wf, 0.1, run_id="other")
+    _wait_for(lambda: client.get("other").status is Status.COMPLETED, timeout=5)
+    state = client.get("other")
+    late = datetime.fromisoformat(state.output) - (state.created_at + timedelta(seconds=0.1))
+    assert late < timedelta(seconds=0.6)
+
+
+def test_a_worker_started_late_resumes_every_overdue_run(
+    jsonl: str, workers: list[Worker]
+) -> None:
+    """Runs whose timers fell due while no worker ran are all resumed as soon as a worker
+    starts (the first claim rounds), well before any poll."""
+    client = Runtime(jsonl, [timer_wf])
+    for i in range(10):
+        client.start(timer_wf, 0.01, run_id=f"late{i}")
+    time.sleep(0.05)
+    began = time.monotonic()
+    _run(Worker(Runtime(jsonl, [timer_wf]), concurrency=4, poll=30), workers)
+    _wait_for(lambda: len(client.list(status=Status.COMPLETED)) == 10, timeout=5)
+    assert time.monotonic() - began < 2
+
+
+def _call_wf(name: str) -> Workflow:
+    wf = Workflow(name)
+
+    @wf.node(start=True)
+    def ask(run: RunView) -> Any:
+        return call("work", [run.input], into="out", then="finish")
+
+    @wf.node
+    def finish(run: RunView) -> Any:
+        return done(run.vars["out"])
+
+    return wf
+
+
+def test_an_orphaned_call_is_dispatched_again_only_once_stale(workers: list[Worker]) -> None:
+    """A call whose requesting process died (its run WAITING on the effect) is dispatched
+    again by a worker once the request is older than ``orphan_after``, with the same
+    idempotency key; a fresher request is left alone."""
+    wf = _call_wf("orphan")
+    store = MemoryStore()
+    keys: list[str] = []
+    gate = threading.Event()
+
+    def hang(x: int, idempotency_key: str) -> int:
+        keys.append(idempotency_key)
+        gate.wait()  # the "dead" process never returns
+        return x
+
+    dead = Runtime(store, [wf], {"work": hang})
+    threading.Thread(target=dead.start, args=(wf, 1), kwargs={"run_id": "o1"},
+                     daemon=True).start()
+    _wait_for(lambda: len(keys) == 1)
+
+    def work(x: int, idempotency_key: str) -> int:
+        keys.append(idempotency_key)
+        return x * 10
+
+    rt = Runtime(store, [wf], {"work": work}, signer=dead.signer)
+    worker = _run(Worker(rt, poll=0.1, orphan_after=0.6), workers)
+    time.sleep(0.2)
+    assert len(keys) == 1, "a request younger than orphan_after is not re-dispatched"
+    _wait_for(lambda: rt.get("o1").status is Status.COMPLETED, timeout=5)
+    assert rt.get("o1").output == 10
+    assert keys[0] == keys[1] and len(keys) == 2
+    assert worker.stats["orphan"] >= 1
+    gate.set()
+
+
+def test_a_slow_call_on_a_live_worker_is_not_dispatched_by_another(
+    jsonl: str, workers: list[Worker]
+) -> None:
+    """While one worker runs a call, a second worker never dispatches it, however many
+    claim rounds it makes (a run waiting on an effect is never claimable)."""
+    wf = _call_wf("slow")
+    calls: list[str] = []
+
+    def slow(x: int, idempotency_key: str) -> int:
+        calls.append(idempotency_key)
+        time.sleep(0.5)
+        return x
+
+    client = Runtime(jsonl, [wf])
+    for _ in range(2):
+        _run(Worker(Runtime(jsonl, [wf], {"work": slow}), poll=0.05, lease=0.1,
+                    orphan_after=60), workers)
+    _create_running(client, wf, "s1", 7)
+    for w in workers:
+        w.wake()
+    _wait_for(lambda: client.get("s1").status is Status.COMPLETED, timeout=5)
+    assert calls == [calls[0]]
+
+
+def test_cron_tick_fired_by_two_workers_starts_one_run(
+    jsonl: str, workers: list[Worker]
+) -> None:
+    """Two workers catching up the same missed tick (``run_once``) start one run with the
+    tick's deterministic id; the other sees ``RunExists`` and counts a skip."""
+    wf = _call_wf("cronned")
+    fn = {"work": lambda x: x}
+    pair = [Worker(Runtime(jsonl, [wf], fn), poll=5) for _ in range(2)]
+    for w in pair:
+        w.schedule(wf, "*/5 * * * *", input=3)
+        _run(w, workers)
+    now = datetime.now(UTC)
+    tick = pair[0]._schedules[0].last_tick(now)
+    assert tick is not None
+    run_id = f"cron:cronned:{tick.strftime('%Y-%m-%dT%H:%M:%SZ')}"
+    _wait_for(lambda: sum(w.stats["cron.started"] + w.stats["cron.skipped"] for w in pair) == 2)
+    assert sum(w.stats["cron.started"] for w in pair) == 1
+    rt = pair[0].runtime
+    _wait_for(lambda: rt.get(run_id).status is Status.COMPLETED)
+    assert [s.run_id for s in rt.list()] == [run_id]
+
+
+def test_cron_skip_policy_fires_no_missed_tick(jsonl: str, workers: list[Worker]) -> None:
+    """With ``missed="skip"`` a starting worker fires no tick from before it started."""
+    wf = _call_wf("skipped")
+    worker = Worker(Runtime(jsonl, [wf], {"work": lambda x: x}), poll=5)
+    worker.schedule(wf, "*/5 * * * *", missed="skip")
+    _run(worker, workers)
+    time.sleep(0.3)
+    assert worker.runtime.list() == []
+    assert worker._next_tick[0] > datetime.now(UTC)
+
+
+def test_stop_lets_the_current_drive_finish_and_releases_leases(
+    jsonl: str, workers: list[Worker]
+) -> None:
+    """``stop()`` waits for a call in progress, commits its outcome and the nodes after it,
+    and gives the lease back so that another worker could claim at once."""
+    wf = _call_wf("graceful")
+    started = threading.Event()
+
+    def slow(x: int) -> int:
+        started.set()
+        time.sleep(0.3)
+        return x
+
+    rt = Runtime(jsonl, [wf], {"work": slow})
+    worker = Worker(rt, poll=5)
+    thread = worker.run_in_thread()
+    _create_running(rt, wf, "g1", 5)
+    worker.wake()
+    assert started.wait(5)
+    assert worker.stop(timeout=5)
+    thread.join(5)
+    assert rt.get("g1").status is Status.COMPLETED
+    assert worker.stats["resume"] == 1
+    lease_dir = Path(jsonl.removeprefix("jsonl:")) / "leases"
+    assert list(lease_dir.glob("*.json")) == []
+
+
+def test_a_drive_longer_than_its_lease_is_reported(workers: list[Worker]) -> None:
+    """A drive that outlives its lease logs ``lease.lost`` (another worker may have taken
+    the run over; its commits stay single through the store's seq check)."""
+    wf = Workflow("slow-node")
+
+    @wf.node(start=True)
+    def crawl(run: RunView) -> Any:
+        time.sleep(0.3)
+        return done(1)
+
+    rt = Runtime("memory:", [wf])
+    _create_running(rt, wf, "l1", None)
+    worker = _run(Worker(rt, lease=0.05, poll=5), workers)
+    _wait_for(lambda: rt.get("l1").status is Status.COMPLETED)
+    _wait_for(lambda: worker.stats["lease.lost"] == 1)
+
+
+def test_recover_run_leaves_an_unresolved_effect_alone_unless_asked(tmp_path: Path) -> None:
+    """``recover_run`` re-dispatches a pending effect only with ``redispatch=True``."""
+    wf = _call_wf("pending")
+    store = MemoryStore()
+    gate = threading.Event()
+    seen: list[int] = []
+
+    def hang(x: int) -> int:
+        seen.append(x)
+        gate.wait()
+        return x
+
+    dead = Runtime(store, [wf], {"work": hang})
+    threading.Thread(target=dead.start, args=(wf, 2), kwargs={"run_id": "p1"},
+                     daemon=True).start()
+    _wait_for(lambda: seen == [2])
+    rt = Runtime(store, [wf], {"work": lambda x: x + 1}, signer=dead.signer)
+    assert rt.recover_run("p1").status is Status.WAITING
+    assert rt.recover_run("p1", redispatch=True).output == 3
+    gate.set()
+
+
+def test_constructor_refuses_bad_settings() -> None:
+    """Zero concurrency, lease or poll are refused."""
+    rt = Runtime("memory:", [timer_wf])
+    for bad in ({"concurrency": 0}, {"lease": 0}, {"poll": -1}):
+        with pytest.raises(ValueError):
+            Worker(rt, **bad)
+
+
+def test_load_app_accepts_an_app_a_workflow_a_list_or_a_factory() -> None:
+    """``--app module:attribute`` resolves to an App from each accepted shape."""
+    mod = "wakepoint_test_worker_app"
+    module = type(sys)(mod)
+    module.app = App(workflows=[timer_wf])  # type: ignore[attr-defined]
+    module.wf = timer_wf  # type: ignore[attr-defined]
+    module.wfs = [timer_wf]  # type: ignore[attr-defined]
+    module.factory = lambda: [timer_wf]  # type: ignore[attr-defined]
+    module.bad = 3  # type: ignore[attr-defined]
+    sys.modules[mod] = module
+    try:
+        for attr in ("app", "wf", "wfs", "factory"):
+            assert list(load_app(f"{mod}:{attr}").workflows) == [timer_wf]
+        for spec in (f"{mod}:bad", mod, f":{mod}"):
+            with pytest.raises(ValueError):
+                load_app(spec)
+    finally:
+        del sys.modules[mod]
+
+
+APP_SOURCE = '''
+from wakepoint import Workflow, wait_until, done
+wf = Workflow("proc")
+@wf.node(start=True)
+def a(run):
+    return wait_until(run.input, then="b")
+@wf.node
+def b(run):
+    return done(1)
+'''
+
+
+def test_sigterm_stops_a_worker_process_cleanly(tmp_path: Path) -> None:
+    """``main_worker`` in a process: SIGTERM makes it stop and exit with status 0."""
+    (tmp_path / "procapp.py").write_text(APP_SOURCE)
+    code = ("import sys; from wakepoint.scheduler import main_worker; "
+            "print('ready', flush=True); "
+            f"sys.exit(main_worker('jsonl:{tmp_path / 'store'}', 'procapp:wf', 2))")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                             env=env, cwd=tmp_path)
+    assert child.stdout is not None
+    assert child.stdout.readline().strip() == "ready"
+    time.sleep(0.5)
+    child.send_signal(signal.SIGTERM)
+    out, _ = child.communicate(timeout=10)
+    assert child.returncode == 0
+    assert "worker.stopping" in out and "worker.stopped" in out
