@@ -43,8 +43,7 @@ def _split(n: int) -> int:
 def root(leaves: Sequence[bytes]) -> bytes:
     """``MTH`` over leaf hashes (iterative, O(n) hashes, O(log n) extra memory)."""
     frontier = Frontier()
-    for h in leaves:
-        frontier.append(h)
+    frontier.extend(leaves)
     return frontier.root()
 
 
@@ -182,6 +181,30 @@ class Frontier:
             stack[-1] = node_hash(stack[-1], right)
             n >>= 1
         self.size += 1
+
+    def extend(self, leaves: Sequence[bytes]) -> None:
+        """Append many leaf hashes: each aligned power-of-two block is hashed level by level
+        in list comprehensions and pushed as one complete subtree (the same tree as
+        ``append`` one by one, with far less interpreter work per leaf)."""
+        i, n = 0, len(leaves)
+        stack = self._stack
+        while i < n:
+            size = self.size
+            block = 1 << ((n - i).bit_length() - 1)
+            if size:
+                block = min(block, size & -size)  # keep complete subtrees aligned
+            level = list(leaves[i:i + block])
+            while len(level) > 1:
+                level = [_sha256(b"\x01" + a + b).digest()
+                         for a, b in zip(level[::2], level[1::2], strict=True)]
+            stack.append(level[0])
+            k = size // block
+            while k & 1:
+                right = stack.pop()
+                stack[-1] = node_hash(stack[-1], right)
+                k >>= 1
+            self.size = size + block
+            i += block
 
     def root(self) -> bytes:
         """``MTH`` of the leaves appended so far."""
