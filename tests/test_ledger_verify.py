@@ -1,0 +1,223 @@
+"""The verifier on sound ledgers (empty, one record, many interleaved runs, rotation in the
+middle of a run, a single run file, SQL), its report, summary and usage errors, and the
+agreement of its bulk and exact passes."""
+
+from __future__ import annotations
+
+import sqlite3
+import sys
+from pathlib import Path
+
+import msgspec
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib: tests/ is not on it
+from ledger_fixtures import T0, IndexedStore, Ledger, interleaved, workflow
+from wakepoint import Runtime
+from wakepoint.kernel import transitions as kernel
+from wakepoint.ledger.keys import Signer
+from wakepoint.ledger.logindex import INDEX_FILE, read_leaves
+from wakepoint.ledger.records import sign_entries
+from wakepoint.ledger.rotation import seal_record
+from wakepoint.ledger.trust import TrustedKey, TrustRoot
+from wakepoint.ledger.verify import (
+    CODES,
+    Report,
+    VerifyUsageError,
+    _Ctx,
+    _exact_run_file,
+    _fast_run,
+    _file_name,
+    render_summary,
+    verify,
+)
+from wakepoint.stores import open_store
+from wakepoint.stores.jsonl import file_name
+
+NEW = Signer.from_seed(b"\x02" * 32)
+
+
+def test_empty_store_verifies(tmp_path: Path) -> None:
+    """A store with no runs is ok, with nothing counted."""
+    IndexedStore(tmp_path, durability="none").close()
+    report = verify(tmp_path, TrustRoot.from_signers([NEW]))
+    assert report.ok and report.records == 0 and report.runs == 0 and report.keys == {}
+
+
+def test_one_record_verifies(tmp_path: Path) -> None:
+    """A run holding only its run.started record (created straight through the store)."""
+    signer = Signer.from_seed(b"\x01" * 32)
+    store = IndexedStore(tmp_path, durability="none", log_id="one")
+    tr = kernel.start(workflow(), "solo", None, T0)
+    state, records = sign_entries(signer, "one", tr.state, tr.entries, T0, prev_seq=-1,
+                                  prev_head="")
+    store.create(state, records)
+    store.close()
+    report = verify(tmp_path, TrustRoot.from_signers([signer], log_id="one"))
+    assert report.ok, report.error
+    assert (report.records, report.runs, report.uncovered) == (1, 1, 1)
+    assert report.keys == {signer.key_id: 1}
+
+
+def test_many_interleaved_runs_in_one_and_two_processes(tmp_path: Path) -> None:
+    """Twenty runs interleaved in commit order, sealed, checkpointed: ok, the checkpoint
+    covers everything, and two worker processes report exactly the same."""
+    led = interleaved(tmp_path, 20)
+    led.close()
+    one = verify(tmp_path, led.trust())
+    two = verify(tmp_path, led.trust(), processes=2)
+    assert one.ok, one.error
+    assert one.records == 120 and one.runs == 20 and one.uncovered == 0
+    assert one.checkpoint is not None and one.checkpoint.size == 120
+    assert one.checkpoint.where == f"{INDEX_FILE}:81"
+    one.seconds = two.seconds = 0
+    assert one == two
+
+
+def test_uncovered_tail_is_counted(tmp_path: Path) -> None:
+    """Records committed after the last checkpoint are the uncovered tail."""
+    led = interleaved(tmp_path, 2)
+    led.start("late")
+    led.close()
+    report = verify(tmp_path, led.trust())
+    assert report.ok and report.uncovered == 3 and report.checkpoint is not None
+
+
+def test_rotation_in_the_middle_of_a_run(tmp_path: Path) -> None:
+    """A run starts under key A, rotates to B (signed by both), finishes and is sealed under
+    B; a trust root ending A's range just after the rotation accepts it, and counts both."""
+    led = Ledger(tmp_path)
+    old = led.signer
+    led.start("r")
+    position = len(read_leaves(tmp_path))
+    led.rotate("r", NEW)
+    led.cp_signer = NEW
+    led.finish("r")
+    led.checkpoint()
+    led.close()
+    trust = TrustRoot([TrustedKey(key_id=old.key_id, public=old.public,
+                                  valid_until=position + 1),
+                       TrustedKey(key_id=NEW.key_id, public=NEW.public,
+                                  valid_from=position)], log_id=led.log_id)
+    report = verify(tmp_path, trust)
+    assert report.ok, report.error
+    assert report.keys == {old.key_id: 4, NEW.key_id: 3}
+    revoked = trust.revoke(old.key_id, position)  # A may not even sign the rotation
+    bad = verify(tmp_path, revoked)
+    assert bad.error is not None and bad.error.code == "key_not_valid"
+    assert bad.error.where == "runs/r.jsonl:3#0"
+
+
+def test_single_run_file(tmp_path: Path) -> None:
+    """One run file verifies on its own; what needs the global order is listed unchecked, and
+    an anchor is refused."""
+    led = interleaved(tmp_path, 2)
+    led.close()
+    path = tmp_path / "runs" / "run-1.jsonl"
+    report = verify(path, led.trust())
+    assert report.ok and report.records == 6
+    assert report.unchecked == ["key_validity", "checkpoints"]
+    with pytest.raises(VerifyUsageError):
+        verify(path, led.trust(), anchor="x")
+
+
+def test_chain_mode(tmp_path: Path) -> None:
+    """Chain mode accepts a sound ledger without keys, and catches a changed body at the next
+    record's link (full mode names the changed record itself)."""
+    led = interleaved(tmp_path, 2)
+    led.close()
+    report = verify(tmp_path, TrustRoot([]), mode="chain")
+    assert report.ok and report.records == 12
+    path = tmp_path / "runs" / "run-0.jsonl"
+    lines = path.read_bytes().split(b"\n")
+    doc = msgspec.json.decode(lines[1])
+    import base64
+
+    body = base64.b64decode(doc["records"][0]["payload"]).replace(b"T00:00", b"T01:00")
+    lines[1] = lines[1].replace(doc["records"][0]["payload"].encode(),
+                                base64.b64encode(body))
+    path.write_bytes(b"\n".join(lines))
+    chain = verify(tmp_path, TrustRoot([]), mode="chain")
+    assert chain.error is not None
+    assert (chain.error.code, chain.error.where) == ("prev_mismatch", "runs/run-0.jsonl:3#0")
+    full = verify(tmp_path, led.trust())
+    assert full.error is not None
+    assert (full.error.code, full.error.where) == ("bad_signature", "runs/run-0.jsonl:2#0")
+
+
+def test_report_json_and_summary(tmp_path: Path) -> None:
+    """to_json is the whole report; the summary names the first error, its position and
+    expected versus actual on one screen."""
+    led = interleaved(tmp_path, 2)
+    led.close()
+    path = tmp_path / "runs" / "run-1.jsonl"
+    lines = path.read_bytes().split(b"\n")
+    del lines[1]
+    path.write_bytes(b"\n".join(lines))
+    report = verify(tmp_path, led.trust())
+    assert msgspec.json.decode(report.to_json(), type=Report) == report
+    text = render_summary(report)
+    assert text.startswith("FAILED") and "seq_gap at runs/run-1.jsonl:2#0" in text
+    assert "expected 2" in text and "actual   3" in text and len(text.splitlines()) < 20
+    assert report.error is not None and report.error.code in CODES
+
+
+def test_usage_errors(tmp_path: Path) -> None:
+    """Unknown modes, sources that are not ledgers, anchors without a global order."""
+    with pytest.raises(VerifyUsageError):
+        verify(tmp_path, TrustRoot([]), mode="fast")  # type: ignore[arg-type]
+    with pytest.raises(VerifyUsageError):
+        verify(tmp_path, TrustRoot([]))
+    led = Ledger(tmp_path / "s")
+    led.start("r")
+    led.close()
+    (tmp_path / "s" / INDEX_FILE).unlink()
+    with pytest.raises(VerifyUsageError):
+        verify(tmp_path / "s", led.trust(), anchor="x")
+
+
+def test_sql_ledger(tmp_path: Path) -> None:
+    """A SQLite ledger written by the runtime verifies by URL; a changed body byte is a bad
+    signature at its row."""
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    signer = Signer.from_seed(b"\x01" * 32)
+    store = open_store(url, durability="none", upgrade=True)
+    rt = Runtime(store, workflows=[workflow()], signer=signer)
+    rt.start("audit", 1, run_id="a")
+    rt.send_event("go:a")
+    state = store.load("a")
+    new, rec = seal_record(signer, store.log_id, state, T0)  # type: ignore[attr-defined]
+    store.commit("a", state.seq, new, [rec])
+    rt.close()
+    trust = TrustRoot.from_signers([signer])
+    report = verify(url, trust)
+    assert report.ok, report.error
+    assert report.records == 6 and "checkpoints" in report.unchecked
+    db = sqlite3.connect(tmp_path / "l.db")
+    body = db.execute("SELECT body FROM wp_records WHERE position = 3").fetchone()[0]
+    db.execute("UPDATE wp_records SET body = ? WHERE position = 3",
+               (body.replace(b'"seq":2', b'"seq":5'),))
+    db.commit()
+    db.close()
+    bad = verify(url, trust)
+    assert bad.error is not None and (bad.error.code, bad.error.where) == ("bad_signature",
+                                                                           "row 3")
+
+
+@pytest.mark.parametrize("run_id", ["a", "a/b:c", ".hidden", "~tilde", "ü" * 150, "x" * 300])
+def test_file_names_agree_with_the_store(run_id: str) -> None:
+    """The verifier's copy of the JSONL file naming is the store's."""
+    assert _file_name(run_id) == file_name(run_id)
+
+
+def test_bulk_and_exact_passes_agree(tmp_path: Path) -> None:
+    """On a sound file both passes return the same leaves, lines, slots and key counts."""
+    led = interleaved(tmp_path, 1)
+    led.close()
+    data = (tmp_path / "runs" / "run-0.jsonl").read_bytes()
+    ctx = _Ctx(record_keys={led.signer.key_id: led.signer.public}, other_keys=[],
+               log_id=led.log_id, mode="full", require_seals=True)
+    fast = _fast_run(data, "runs/run-0.jsonl", ctx, True)
+    exact = _exact_run_file(data, "runs/run-0.jsonl", ctx, True)
+    assert fast is not None and exact.problem is None
+    assert fast == exact
