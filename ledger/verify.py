@@ -833,8 +833,9 @@ _index_leaf = msgspec.json.Decoder(LeafLine)
 _index_cp = msgspec.json.Decoder(CheckpointLine)
 
 
-_LEAF_RE = re.compile(rb'\{"run_id":"([\x20\x21\x23-\x5b\x5d-\x7e]*)","seq":(0|[1-9][0-9]{0,17}),"hashes":\['
-                      rb'((?:"[0-9a-f]{64}",)*"[0-9a-f]{64}")\]\}')
+_LEAF_RE = re.compile(rb'\{"run_id":"([\x20\x21\x23-\x5b\x5d-\x7e]*)",'
+                      rb'"seq":(0|[1-9][0-9]{0,17}),'
+                      rb'"hashes":\[((?:"[0-9a-f]{64}",)*"[0-9a-f]{64}")\]\}')
 """A leaf line in canonical form whose run id is printable ASCII needing no JSON unescaping:
 the common case, read without a JSON decoder.  Any other line goes through the strict decoder."""
 
