@@ -410,7 +410,7 @@ def _base(tmp_root: Path) -> Ledger:
     return led
 
 
-@settings(max_examples=60, deadline=None,
+@settings(max_examples=200, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_random_damage_never_verifies(tmp_path_factory: pytest.TempPathFactory,
