@@ -177,8 +177,12 @@ class _Run:
     @property
     def flock(self) -> filelock.FileLock:
         # Built lazily: constructing a FileLock costs ~75 us, and readers never need one.
+        # The lock file is kept after release: filelock's default unlinks it, so every later
+        # acquire would create the file again (~90 us more here) and race the unlink.
         if self._flock is None:
-            self._flock = filelock.FileLock(self.lock_path, poll_interval=_POLL)
+            self._flock = filelock.FileLock(
+                self.lock_path, poll_interval=_POLL, preserve_lock_file=True
+            )
         return self._flock
 
 
