@@ -20,7 +20,9 @@ the commit is written or just after: the two places where a real process can die
 from __future__ import annotations
 
 import builtins
+import importlib.util
 import logging
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
@@ -269,3 +271,37 @@ def snapshot() -> Callable[[Runtime, str], tuple[RunState, builtins.list[Record]
         return rt.get(run_id), rt.ledger(run_id)
 
     return take
+
+
+# --- PostgreSQL ------------------------------------------------------------------------------
+
+
+def _load_pg() -> Any:
+    # tests/ has no __init__.py (importlib import mode), so the helper is loaded by path.
+    spec = importlib.util.spec_from_file_location(
+        "wakepoint_test_pg", Path(__file__).parent / "pg.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[Any]:
+    """One throw-away PostgreSQL server per test process, from Debian's package.
+
+    With ``CI`` set, a missing server is a failure, never a skip: the tests that claim
+    PostgreSQL must run in CI.
+    """
+    pg = _load_pg()
+    why = pg.missing()
+    if why is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL is required in CI: {why}", pytrace=False)
+        pytest.skip(why)
+    server = pg.PgServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -7,12 +7,9 @@ the repository, and checks the exit code and the facts the example prints.
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -191,30 +188,6 @@ def test_readme_quick_start(tmp_path: Path) -> None:
     assert (tmp_path / ".wakepoint" / "signer.key").is_file()
 
 
-def _load_pg() -> Any:
-    spec = importlib.util.spec_from_file_location(
-        "wakepoint_test_examples_pg", Path(__file__).parent / "pg.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def pg_server() -> Iterator[Any]:
-    """A throw-away PostgreSQL server (fails in CI if it cannot start)."""
-    pg = _load_pg()
-    why = pg.missing()
-    if why is not None:
-        if os.environ.get("CI"):
-            pytest.fail(f"PostgreSQL is required in CI: {why}", pytrace=False)
-        pytest.skip(why)
-    server = pg.PgServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def test_worker_jsonl(tmp_path: Path) -> None:

@@ -72,25 +72,10 @@ def _load(name: str) -> ModuleType:
     return module
 
 
-pg = _load("pg")
 crash_worker = _load("crash_worker")  # the JSONL crash test's workflow, reused as it is
 
 # --- fixtures ---------------------------------------------------------------------------------
 
-
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[Any]:
-    """One throw-away PostgreSQL server for the session (fails in CI if it cannot start)."""
-    why = pg.missing()
-    if why is not None:
-        if os.environ.get("CI"):
-            pytest.fail(f"PostgreSQL is required in CI: {why}", pytrace=False)
-        pytest.skip(why)
-    server = pg.PgServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 _databases = iter(range(1_000_000))

@@ -20,7 +20,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Any
@@ -40,24 +39,9 @@ def _load(name: str) -> ModuleType:
 
 
 proc = _load("worker_proc")
-pg = _load("pg")
 
 pytestmark = pytest.mark.slow
 
-
-@pytest.fixture(scope="module")
-def pg_server() -> Iterator[Any]:
-    """A throw-away PostgreSQL server for this module (fails in CI if it cannot start)."""
-    why = pg.missing()
-    if why is not None:
-        if os.environ.get("CI"):
-            pytest.fail(f"PostgreSQL is required in CI: {why}", pytrace=False)
-        pytest.skip(why)
-    server = pg.PgServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def _store_url(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
