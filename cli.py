@@ -1,9 +1,18 @@
 """The ``wakepoint`` command (console script and ``python -m wakepoint``).
 
-What exists today (the rest of the design's CLI - ``run``, ``runs``, ``respond``, ``send``,
-``cancel``, ``ledger export|checkpoint``, ``keys rotate`` - is still to come)::
+What exists today (the rest of the design's CLI - ``ledger export|checkpoint``, ``keys rotate``
+- is still to come)::
 
     wakepoint --version
+    wakepoint run MODULE:WORKFLOW [--input JSON|@FILE] [--run-id ID] [--store URL] [--json]
+    wakepoint runs list [--status S] [--workflow W] [--waiting-on KEY] [--limit N] [--store URL]
+                        [--json]
+    wakepoint runs show RUN_ID [--store URL] [--json]
+    wakepoint runs timeline RUN_ID [--store URL] [--json]
+    wakepoint respond RUN_ID ANSWER --app module:attribute [--store URL] [--json]
+    wakepoint send KEY PAYLOAD_JSON --app module:attribute [--store URL] [--json]
+    wakepoint cancel RUN_ID [--reason R] [--no-cascade] --app module:attribute [--store URL]
+                     [--json]
     wakepoint ledger verify SOURCE --trust FILE [--anchor FILE] [--json] [--mode full|chain]
     wakepoint ledger verify-chain RUN_ID --store URL [--key KEY_FILE]
     wakepoint keys generate FILE
@@ -37,9 +46,20 @@ or for a ``jsonl:PATH`` store from ``PATH/signer.key``.
 to this code's schema under a migration lock; it is idempotent and refuses, writing nothing,
 a database that is not wakepoint's or is newer than this code.
 
-Only ``worker`` (which opens its store as the runtime does) and ``db upgrade`` may create a
-store; the other commands read what exists: a JSONL store directory, SQLite file or key file
-that does not exist is an error, not a fresh one.
+``run``, ``runs``, ``respond``, ``send`` and ``cancel`` take ``--store URL`` (default
+``jsonl:./.wakepoint``, the embedded default) and ``--json`` (one JSON document on stdout instead
+of a table or text).  ``run`` imports ``MODULE:WORKFLOW`` as ``worker`` imports ``--app`` (a
+``Workflow``, or an ``App`` or list holding exactly one) and starts it, driving it until it
+waits or finishes; it prints the run id, status and the wait or output.  ``runs`` only reads the
+store (no workflows needed).  ``respond``, ``send`` and ``cancel`` drive runs on, so they load
+the workflows with ``--app``; an answer, key or run the run refuses (``InvalidAnswer``,
+``WrongWaitKey``, ``NotWaiting``, ``RunFinished``, ``RunNotFound``) is exit 1 with one line, and
+so is a ``send`` that resumed no run.  The signer key is found as for ``worker`` (``--home``).
+
+Only ``worker``, ``run`` (which open their store as the runtime does) and ``db upgrade`` may
+create a store; the other commands read what exists: a JSONL store directory, SQLite file or
+key file that does not exist is an error, not a fresh one.  These commands log only warnings
+and errors, to stderr, so that stdout holds just their answer.
 
 Exit codes: 0 verified / done; 1 the ledger does not verify, or a store, key, file or database
 cannot be read, written or is refused; 2 usage errors (argparse's convention, plus an unreadable
@@ -50,17 +70,26 @@ Errors are one line on stderr, without a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import msgspec
 
 from . import __version__
 from .kernel.errors import WakepointError
+from .kernel.types import RunState, Status
 from .ledger.keys import Signer
-from .ledger.records import verify_chain
-from .runtime import _KEY_FILE, DEFAULT_HOME
-from .stores import open_store
+from .ledger.records import parse_body, verify_chain
+from .runtime import _KEY_FILE, DEFAULT_HOME, Runtime
+from .stores import Store, open_store
+
+if TYPE_CHECKING:
+    from .scheduler import App
 
 
 def _positive(text: str) -> int:
@@ -138,7 +167,70 @@ def _parser() -> argparse.ArgumentParser:
     )
     upgrade.add_argument("url", metavar="URL",
                          help="a SQLAlchemy URL: sqlite:///PATH or postgresql+psycopg://...")
+
+    _add_run_commands(commands)
     return parser
+
+
+_DEFAULT_STORE = f"jsonl:./{DEFAULT_HOME}"
+
+
+def _store_options(command: argparse.ArgumentParser, *, home: bool = False) -> None:
+    command.add_argument("--store", default=_DEFAULT_STORE, metavar="URL",
+                         help=f"the store (default {_DEFAULT_STORE})")
+    command.add_argument("--json", action="store_true", help="print JSON for scripts")
+    if home:
+        command.add_argument("--home", default=DEFAULT_HOME, metavar="DIR",
+                             help=f"where the signer key lives for a non-JSONL store "
+                                  f"(default {DEFAULT_HOME})")
+
+
+def _app_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--app", required=True, metavar="MODULE:ATTRIBUTE",
+                         help="an App, a Workflow, a list of them, or a callable returning one")
+
+
+def _add_run_commands(commands: Any) -> None:
+    run = commands.add_parser("run", help="start a run and drive it until it waits or ends")
+    run.add_argument("workflow", metavar="MODULE:WORKFLOW",
+                     help="a Workflow, or an App or list holding exactly one")
+    run.add_argument("--input", metavar="JSON|@FILE",
+                     help="the run's input: JSON text, or @FILE holding JSON")
+    run.add_argument("--run-id", metavar="ID", help="the run id (default: a new one)")
+    _store_options(run, home=True)
+
+    runs = commands.add_parser("runs", help="list and inspect runs")
+    runs_commands = runs.add_subparsers(dest="runs_command", metavar="COMMAND", required=True)
+    listing = runs_commands.add_parser("list", help="list runs, oldest first")
+    listing.add_argument("--status", choices=[s.value for s in Status])
+    listing.add_argument("--workflow", metavar="W", help="only runs of this workflow id")
+    listing.add_argument("--waiting-on", metavar="KEY", help="only runs waiting on this key")
+    listing.add_argument("--limit", type=_positive, metavar="N", help="at most N runs")
+    _store_options(listing)
+    show = runs_commands.add_parser("show", help="one run: state, wait, children, output")
+    show.add_argument("run_id", metavar="RUN_ID")
+    _store_options(show)
+    timeline = runs_commands.add_parser("timeline", help="a run's ledger as a history")
+    timeline.add_argument("run_id", metavar="RUN_ID")
+    _store_options(timeline)
+
+    respond = commands.add_parser("respond", help="answer the question a run asked")
+    respond.add_argument("run_id", metavar="RUN_ID")
+    respond.add_argument("answer", metavar="ANSWER")
+    _app_option(respond)
+    _store_options(respond, home=True)
+    send = commands.add_parser("send", help="send an event to every run waiting on KEY")
+    send.add_argument("key", metavar="KEY")
+    send.add_argument("payload", metavar="PAYLOAD_JSON")
+    _app_option(send)
+    _store_options(send, home=True)
+    cancel = commands.add_parser("cancel", help="cancel a run (and its unfinished children)")
+    cancel.add_argument("run_id", metavar="RUN_ID")
+    cancel.add_argument("--reason", default="cancelled", metavar="R")
+    cancel.add_argument("--no-cascade", action="store_true",
+                        help="leave the run's children running")
+    _app_option(cancel)
+    _store_options(cancel, home=True)
 
 
 def _error(message: str, code: int) -> int:
@@ -314,6 +406,261 @@ def _worker(args: argparse.Namespace) -> int:
         return _error(f"{type(exc).__name__}: {exc}", 1)
 
 
+# --- run, runs, respond, send, cancel ------------------------------------------------------
+
+
+class _Usage(Exception):
+    """A usage error found after parsing (exit 2)."""
+
+
+def _load(spec: str) -> App:
+    """``load_app(spec)`` with the current directory importable; ``_Usage`` if it fails."""
+    from .scheduler import load_app
+
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        return load_app(spec)
+    except ValueError as exc:
+        raise _Usage(str(exc)) from None
+    except (ImportError, AttributeError) as exc:
+        raise _Usage(f"cannot load {spec}: {type(exc).__name__}: {exc}") from None
+
+
+def _missing_store(url: str) -> str | None:
+    """Why ``url`` names no existing store (a JSONL directory or SQLite file), or None."""
+    missing = _missing_jsonl(url)
+    if missing is None and url.startswith("sqlite:"):
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        from .stores.sql_engine import sqlite_path
+
+        try:
+            path = sqlite_path(make_url(url))
+        except ArgumentError as exc:
+            return f"not a SQLAlchemy URL: {url!r} ({exc})"
+        if path is not None and not path.is_file():
+            return f"no SQLite database at {path}"
+    return missing
+
+
+def _json(value: Any) -> str:
+    return msgspec.json.encode(value).decode()
+
+
+def _time(value: datetime | None) -> str:
+    if value is None:
+        return "-"
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(headers)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+             for row in [list(headers), *rows]]
+    return "\n".join(lines)
+
+
+def _waiting_on(state: RunState) -> str:
+    return "-" if state.wait is None else f"{state.wait.kind}:{state.wait.key}"
+
+
+def _summary(state: RunState) -> str:
+    """What ``run``, ``respond`` and ``cancel`` print: id, status, then the wait or result."""
+    lines = [f"run {state.run_id}: {state.status.value}"]
+    wait = state.wait
+    if state.status is Status.WAITING and wait is not None:
+        lines.append(f"waiting on {wait.kind}:{wait.key}")
+        if wait.prompt is not None:
+            lines.append(f"prompt: {wait.prompt}")
+        if wait.choices is not None:
+            lines.append(f"choices: {', '.join(wait.choices)}")
+        if wait.deadline is not None:
+            lines.append(f"deadline: {_time(wait.deadline)}")
+    elif state.status is Status.COMPLETED:
+        lines.append(f"output: {_json(state.output)}")
+    elif state.error is not None:
+        lines.append(f"error: {state.error.type}: {state.error.message}")
+    return "\n".join(lines)
+
+
+def _print_state(state: RunState, as_json: bool) -> None:
+    print(_json(state) if as_json else _summary(state))
+
+
+def _parse_json(text: str, what: str) -> Any:
+    if text.startswith("@"):
+        try:
+            text = Path(text[1:]).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise _Usage(f"{what} {text[1:]}: {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _Usage(f"{what} is not JSON: {exc}") from None
+
+
+def _run(args: argparse.Namespace) -> int:
+    app = _load(args.workflow)
+    workflows = list(app.workflows)
+    if len(workflows) != 1:
+        raise _Usage(f"{args.workflow} holds {len(workflows)} workflows; name exactly one")
+    input_value = None if args.input is None else _parse_json(args.input, "--input")
+    with Runtime(args.store, workflows, app.functions, app.handlers, home=args.home) as rt:
+        state = rt.start(workflows[0], input_value, run_id=args.run_id)
+    _print_state(state, args.json)
+    return 0
+
+
+def _runs_list(args: argparse.Namespace, store: Store) -> int:
+    status = None if args.status is None else Status(args.status)
+    if args.waiting_on is not None:
+        states = [s for s in store.find_waiting(args.waiting_on)
+                  if (status is None or s.status is status)
+                  and (args.workflow is None or s.workflow == args.workflow)]
+        states.sort(key=lambda s: s.created_at)
+        states = states[:args.limit] if args.limit is not None else states
+    else:
+        states = store.list(status=status, workflow=args.workflow, limit=args.limit)
+    if args.json:
+        print(_json(states))
+        return 0
+    rows = [[s.run_id, s.workflow, s.status.value, s.node or "-", str(s.step), _waiting_on(s),
+             _time(s.updated_at)] for s in states]
+    print(_table(["RUN ID", "WORKFLOW", "STATUS", "NODE", "STEP", "WAITING ON", "UPDATED"],
+                 rows))
+    return 0
+
+
+def _runs_show(args: argparse.Namespace, store: Store) -> int:
+    state = store.load(args.run_id)
+    if args.json:
+        print(_json(state))
+        return 0
+    wait = state.wait
+    fields: list[tuple[str, str]] = [
+        ("run", state.run_id), ("workflow", f"{state.workflow} (logic {state.version})"),
+        ("status", state.status.value), ("node", state.node or "-"), ("step", str(state.step)),
+        ("created", _time(state.created_at)), ("updated", _time(state.updated_at)),
+        ("waiting on", _waiting_on(state)),
+    ]
+    if wait is not None:
+        fields += [("prompt", wait.prompt or "-"),
+                   ("choices", ", ".join(wait.choices) if wait.choices else "-"),
+                   ("deadline", _time(wait.deadline)), ("then", wait.then)]
+    fields += [
+        ("parent", "-" if state.parent is None else state.parent.run_id),
+        ("children", ", ".join(state.children) or "-"),
+        ("input", _json(state.input)),
+        ("error", "-" if state.error is None
+         else f"{state.error.type}: {state.error.message}"),
+        ("output", _json(state.output) if state.status is Status.COMPLETED else "-"),
+        ("ledger", f"{state.seq + 1} records"),
+    ]
+    width = max(len(name) for name, _ in fields)
+    print("\n".join(f"{name.ljust(width)}  {text}" for name, text in fields))
+    return 0
+
+
+def _runs_timeline(args: argparse.Namespace, store: Store) -> int:
+    records = store.ledger(args.run_id)
+    if not records:
+        store.load(args.run_id)  # RunNotFound for an unknown run
+    bodies = [parse_body(rec.body) for rec in records]
+    if args.json:
+        print(_json([{"seq": b.seq, "ts": b.ts, "kind": b.kind, "node": b.node,
+                      "next": b.next, "effect": b.effect, "key": b.key, "key_id": b.key_id,
+                      "hash": rec.hash} for b, rec in zip(bodies, records, strict=True)]))
+        return 0
+    rows = []
+    for b in bodies:
+        step = b.node or "-"
+        if b.next is not None:
+            step = f"{step} -> {b.next}"
+        what = " ".join(x for x in (b.effect, b.key) if x) or "-"
+        rows.append([str(b.seq), _time(b.ts), b.kind, step, what, b.key_id])
+    print(_table(["SEQ", "TIME", "KIND", "NODE -> NEXT", "EFFECT / KEY", "SIGNED BY"], rows))
+    return 0
+
+
+def _runtime(args: argparse.Namespace) -> Runtime:
+    app = _load(args.app)
+    return Runtime(args.store, list(app.workflows), app.functions, app.handlers,
+                   home=args.home)
+
+
+def _respond(args: argparse.Namespace) -> int:
+    with _runtime(args) as rt:
+        state = rt.respond(args.run_id, args.answer)
+    _print_state(state, args.json)
+    return 0
+
+
+def _send(args: argparse.Namespace) -> int:
+    payload = _parse_json(args.payload, "PAYLOAD_JSON")
+    with _runtime(args) as rt:
+        states = rt.send_event(args.key, payload)
+    if args.json:
+        print(_json(states))
+    else:
+        for state in states:
+            print(_summary(state))
+    if not states:
+        return _error(f"no run of --app {args.app} was waiting on event {args.key!r}", 1)
+    return 0
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    with _runtime(args) as rt:
+        state = rt.cancel(args.run_id, args.reason, cascade=not args.no_cascade)
+    _print_state(state, args.json)
+    return 0
+
+
+_READERS: dict[str, Callable[[argparse.Namespace, Store], int]] = {
+    "list": _runs_list, "show": _runs_show, "timeline": _runs_timeline,
+}
+_DRIVERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": _run, "respond": _respond, "send": _send, "cancel": _cancel,
+}
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    """``run``, ``runs ...``, ``respond``, ``send``, ``cancel``: the shared error handling."""
+    import logging
+
+    import structlog
+
+    # Keep stdout for the answer (``--json`` must parse): only warnings and errors are logged,
+    # and to stderr.
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )
+    try:
+        if args.command == "runs":
+            missing = _missing_store(args.store)
+            if missing is not None:
+                return _error(missing, 1)
+            store = open_store(args.store)
+            try:
+                return _READERS[args.runs_command](args, store)
+            finally:
+                store.close()
+        if args.command != "run":  # ``run`` may create the store, as the runtime does
+            missing = _missing_store(args.store)
+            if missing is not None:
+                return _error(missing, 1)
+        return _DRIVERS[args.command](args)
+    except _Usage as exc:
+        return _error(str(exc), 2)
+    except WakepointError as exc:  # RunNotFound, InvalidAnswer, RunFinished, StoreError, ...
+        return _error(f"{type(exc).__name__}: {exc}", 1)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``); return the exit code."""
     args = _parser().parse_args(argv)
@@ -329,4 +676,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _worker(args)
     if args.command == "db" and args.db_command == "upgrade":
         return _db_upgrade(args)
+    if args.command in ("run", "runs", "respond", "send", "cancel"):
+        return _run_command(args)
     raise AssertionError(f"unhandled command {args.command!r}")  # argparse requires one

@@ -1,7 +1,8 @@
 """The ``wakepoint`` command, run as a user runs it: ``python -m wakepoint`` in a subprocess.
 
 Covered: ``--version``, ``ledger verify``, ``ledger verify-chain``, ``keys generate``,
-``keys trust``, ``worker`` and ``db upgrade``; exit codes are 0 verified / done, 1 not verified
+``keys trust``, ``worker``, ``db upgrade``, ``run``, ``runs list|show|timeline``, ``respond``,
+``send`` and ``cancel``; exit codes are 0 verified / done, 1 not verified
 or unreadable, 2 usage error.  Errors are one line on stderr, never a traceback.
 """
 
@@ -375,3 +376,202 @@ def test_worker_completes_a_timer_run_and_stops_on_sigterm(tmp_path: Path) -> No
     assert exported.returncode == 0, exported.stderr
     proc = wakepoint_cli("ledger", "verify", str(store), "--trust", str(trust), cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# --- run, runs, respond, send, cancel: the operator's terminal session --------------------
+
+SESSION_APP = """
+from wakepoint import RunView, Workflow, ask_user, done, wait_event
+
+approval = Workflow("session-approval")
+
+
+@approval.node(start=True)
+def ask(run: RunView):
+    return ask_user("Ship release?", choices=["ship", "hold"], into="answer", then="finish")
+
+
+@approval.node
+def finish(run: RunView):
+    return done({"answer": run.vars["answer"], "input": run.input})
+
+
+parcel = Workflow("session-parcel")
+
+
+@parcel.node(start=True)
+def park(run: RunView):
+    return wait_event("parcel-arrived", into="parcel", then="unpack")
+
+
+@parcel.node
+def unpack(run: RunView):
+    return done(run.vars["parcel"])
+
+
+both = [approval, parcel]
+"""
+
+
+@pytest.fixture
+def session(tmp_path: Path) -> Path:
+    """A directory holding ``session_app.py``: an ask_user workflow and an event workflow."""
+    (tmp_path / "session_app.py").write_text(textwrap.dedent(SESSION_APP))
+    return tmp_path
+
+
+def test_terminal_session_pause_list_respond_verify(session: Path) -> None:
+    """The operator's story on the default store (``./.wakepoint``): ``run`` pauses for a
+    person; ``runs list --status waiting`` shows it; ``runs show`` shows prompt and choices; a
+    wrong answer is exit 1 naming the choices; the right one completes the run; ``runs
+    timeline`` lists the records in order with their kinds; ``ledger verify-chain`` is ok."""
+    run = wakepoint_cli("run", "session_app:approval", "--input", '{"ticket": 7}',
+                        "--run-id", "rel-1", cwd=session)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[0] == "run rel-1: waiting"
+    assert "Ship release?" in run.stdout and "ship, hold" in run.stdout
+    assert (session / ".wakepoint").is_dir()
+
+    listed = wakepoint_cli("runs", "list", "--status", "waiting", cwd=session)
+    assert listed.returncode == 0, listed.stderr
+    header, *rows = listed.stdout.splitlines()
+    assert header.split()[:3] == ["RUN", "ID", "WORKFLOW"]
+    assert len(rows) == 1
+    assert rows[0].split()[:5] == ["rel-1", "session-approval", "waiting", "ask", "2"]
+    assert "user:rel-1:" in rows[0]
+    assert wakepoint_cli("runs", "list", "--status", "completed",
+                         cwd=session).stdout.splitlines()[1:] == []
+
+    shown = wakepoint_cli("runs", "show", "rel-1", cwd=session)
+    assert shown.returncode == 0, shown.stderr
+    assert "Ship release?" in shown.stdout and "ship, hold" in shown.stdout
+    assert "waiting" in shown.stdout
+
+    wrong = wakepoint_cli("respond", "rel-1", "maybe", "--app", "session_app:both",
+                          cwd=session)
+    assert_one_line_error(wrong, 1)
+    assert "InvalidAnswer" in wrong.stderr and "'ship', 'hold'" in wrong.stderr
+
+    right = wakepoint_cli("respond", "rel-1", "ship", "--app", "session_app:both",
+                          cwd=session)
+    assert right.returncode == 0, right.stderr
+    assert right.stdout.splitlines()[0] == "run rel-1: completed"
+    assert '"answer":"ship"' in right.stdout and '"ticket":7' in right.stdout
+
+    again = wakepoint_cli("respond", "rel-1", "ship", "--app", "session_app:both",
+                          cwd=session)
+    assert_one_line_error(again, 1)
+    assert "RunFinished" in again.stderr
+
+    timeline = wakepoint_cli("runs", "timeline", "rel-1", cwd=session)
+    assert timeline.returncode == 0, timeline.stderr
+    lines = timeline.stdout.splitlines()
+    assert lines[0].split()[:3] == ["SEQ", "TIME", "KIND"]
+    assert [line.split()[0] for line in lines[1:]] == ["0", "1", "2", "3"]
+    kinds = [line.split()[3] for line in lines[1:]]
+    assert kinds == ["run.started", "effect.requested", "wait.resumed", "run.completed"]
+    key_id = Signer.load(session / ".wakepoint" / "signer.key").key_id
+    assert all(line.endswith(key_id) for line in lines[1:])
+
+    verified = wakepoint_cli("ledger", "verify-chain", "rel-1", "--store", "jsonl:.wakepoint",
+                             cwd=session)
+    assert (verified.returncode, verified.stdout.strip()) == (0, "ok: 4 records")
+
+
+def test_send_resumes_an_event_waiting_run(session: Path) -> None:
+    """``send KEY PAYLOAD_JSON`` resumes the run waiting on the event and prints its result;
+    a second send finds no run waiting (exit 1, one line); bad JSON payload is exit 2."""
+    store = f"jsonl:{session / 'store'}"
+    run = wakepoint_cli("run", "session_app:parcel", "--run-id", "p1", "--store", store,
+                        cwd=session)
+    assert run.returncode == 0, run.stderr
+    assert "waiting on event:parcel-arrived" in run.stdout
+    waiting = wakepoint_cli("runs", "list", "--waiting-on", "parcel-arrived", "--store", store,
+                            cwd=session)
+    assert [row.split()[0] for row in waiting.stdout.splitlines()[1:]] == ["p1"]
+    bad = wakepoint_cli("send", "parcel-arrived", "{nope", "--app", "session_app:both",
+                        "--store", store, cwd=session)
+    assert_one_line_error(bad, 2)
+    sent = wakepoint_cli("send", "parcel-arrived", '{"box": 3}', "--app", "session_app:both",
+                         "--store", store, cwd=session)
+    assert sent.returncode == 0, sent.stderr
+    assert sent.stdout.splitlines() == ["run p1: completed", 'output: {"box":3}']
+    none = wakepoint_cli("send", "parcel-arrived", "1", "--app", "session_app:both",
+                         "--store", store, cwd=session)
+    assert_one_line_error(none, 1)
+    assert "parcel-arrived" in none.stderr
+
+
+def test_cancel_a_waiting_run(session: Path) -> None:
+    """``cancel`` with a reason ends a waiting run as cancelled (shown by ``runs show``); a
+    second cancel is exit 1 (``RunFinished``)."""
+    store = f"jsonl:{session / 'store'}"
+    assert wakepoint_cli("run", "session_app:parcel", "--run-id", "c1", "--store", store,
+                         cwd=session).returncode == 0
+    cancelled = wakepoint_cli("cancel", "c1", "--reason", "lost in transit", "--no-cascade",
+                              "--app", "session_app:both", "--store", store, cwd=session)
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert cancelled.stdout.splitlines()[0] == "run c1: cancelled"
+    assert "lost in transit" in cancelled.stdout
+    shown = wakepoint_cli("runs", "show", "c1", "--store", store, cwd=session)
+    assert "cancelled" in shown.stdout and "lost in transit" in shown.stdout
+    again = wakepoint_cli("cancel", "c1", "--app", "session_app:both", "--store", store,
+                          cwd=session)
+    assert_one_line_error(again, 1)
+    assert "RunFinished" in again.stderr
+
+
+def test_json_outputs_parse(session: Path) -> None:
+    """With ``--json`` every command prints one JSON document on stdout (no log lines mixed
+    in): ``run`` and ``respond`` a run state, ``runs list`` a list of them, ``runs show`` one,
+    ``runs timeline`` the records with seq, kind and key id."""
+    store = f"jsonl:{session / 'store'}"
+    run = wakepoint_cli("run", "session_app:approval", "--run-id", "j1", "--store", store,
+                        "--json", cwd=session)
+    assert run.returncode == 0, run.stderr
+    state = json.loads(run.stdout)
+    assert (state["run_id"], state["status"]) == ("j1", "waiting")
+    assert state["wait"]["choices"] == ["ship", "hold"]
+    listed = json.loads(wakepoint_cli("runs", "list", "--store", store, "--json",
+                                      cwd=session).stdout)
+    assert [s["run_id"] for s in listed] == ["j1"]
+    shown = json.loads(wakepoint_cli("runs", "show", "j1", "--store", store, "--json",
+                                     cwd=session).stdout)
+    assert shown["wait"]["prompt"] == "Ship release?"
+    done_state = json.loads(wakepoint_cli("respond", "j1", "hold", "--app",
+                                          "session_app:approval", "--store", store, "--json",
+                                          cwd=session).stdout)
+    assert done_state["status"] == "completed"
+    assert done_state["output"] == {"answer": "hold", "input": None}
+    records = json.loads(wakepoint_cli("runs", "timeline", "j1", "--store", store, "--json",
+                                       cwd=session).stdout)
+    assert [r["seq"] for r in records] == [0, 1, 2, 3]
+    assert records[0]["kind"] == "run.started" and records[-1]["kind"] == "run.completed"
+    assert all(r["key_id"].startswith("ed25519:") for r in records)
+
+
+def test_unknown_run_and_missing_store(session: Path) -> None:
+    """An unknown run id is exit 1 with one line naming it (``runs show``, ``runs timeline``,
+    ``respond``, ``cancel``); a JSONL store that does not exist is exit 1 and is not created;
+    bad ``--input`` JSON and a module holding two workflows are usage errors (exit 2)."""
+    store = f"jsonl:{session / 'store'}"
+    assert wakepoint_cli("run", "session_app:parcel", "--store", store,
+                         cwd=session).returncode == 0
+    for args in (("runs", "show", "nope"), ("runs", "timeline", "nope"),
+                 ("respond", "nope", "ship", "--app", "session_app:both"),
+                 ("cancel", "nope", "--app", "session_app:both")):
+        proc = wakepoint_cli(*args, "--store", store, cwd=session)
+        assert_one_line_error(proc, 1)
+        assert "RunNotFound" in proc.stderr and "nope" in proc.stderr
+    for args in (("runs", "list"), ("runs", "show", "x"),
+                 ("respond", "x", "y", "--app", "session_app:both")):
+        proc = wakepoint_cli(*args, cwd=session)  # the default store ./.wakepoint
+        assert_one_line_error(proc, 1)
+        assert "no JSONL store" in proc.stderr
+    assert not (session / ".wakepoint").exists()
+    bad_input = wakepoint_cli("run", "session_app:parcel", "--input", "{x", "--store", store,
+                              cwd=session)
+    assert_one_line_error(bad_input, 2)
+    two = wakepoint_cli("run", "session_app:both", "--store", store, cwd=session)
+    assert_one_line_error(two, 2)
+    assert "exactly one" in two.stderr
