@@ -20,15 +20,14 @@ worst of 30 calls of ``find_waiting(key)``, ``list(due_before=now + 1 h)``,
 ``claim(limit=50)`` (target <= 20 ms each), on SQLite and PostgreSQL.  The ledger table is
 not filled for this part: none of these queries reads it.
 
-Measured on the 2-core development VM while other test suites ran (load 2-4), ``--runs 1000
---rounds 5``: SQLite 4,800-5,600 steps/s (about 5,500 per CPU-second), ask_user 670-1,150
-cycles/s (about 1,000 per CPU-second), both BELOW target; every scale query 0.04-0.6 ms
-median on SQLite, 0.2-2.8 ms on PostgreSQL (target met).  What bounds the speed rows: one
-SQLite write transaction per transition (the runtime commits every transition on its own)
-costs 60-140 us here - ``BEGIN IMMEDIATE`` (lock syscalls), the run's row, the record and
-its index entry, and the WAL frames of ``COMMIT`` - plus about 30 us of Ed25519 per record
-and 50 us of runtime and kernel per step (``bench_core.py``'s memory row); an ask_user cycle
-is four write transactions (create, ask, resume, done) and four loads.
+Measured on the 2-core development VM, ``--runs 1000 --rounds 3 --no-pg`` on a quiet machine:
+SQLite 5,099 steps/s, ask_user 1,358 cycles/s, both BELOW target; every scale query 0.04-0.6
+ms median on SQLite, 0.2-2.8 ms on PostgreSQL at 100,000 runs (target met).  What bounds the
+speed rows: one SQLite write transaction per commit costs 60-140 us here - ``BEGIN
+IMMEDIATE`` (lock syscalls), the run's row, the record and its index entry, and the WAL frames
+of ``COMMIT`` - plus about 24 us of Ed25519 per record and 26 us of runtime and kernel per
+step (``bench_core.py``'s memory row); an ask_user cycle is two write transactions (start
+with the asking node, the answer with the final node) and two loads.
 """
 
 from __future__ import annotations
@@ -48,43 +47,13 @@ from typing import Any
 
 import msgspec
 import structlog
-from wakepoint import Runtime, Status, Wait, Workflow, ask_user, done, goto
+
+# The same workloads as bench_core.py (run as scripts, this directory is on sys.path).
+from bench_core import NODES, approval, linear
+from wakepoint import Runtime, Status, Wait
 from wakepoint.kernel.types import RunState
 from wakepoint.stores.sql import SqlStore, _columns, _indexed
 from wakepoint.stores.sql_schema import to_us
-
-NODES = 10
-
-
-def linear() -> Workflow:
-    """The 10-node linear workflow of ``bench_core.py``."""
-    wf = Workflow("linear", max_steps=1_000_000_000)
-    names = [f"n{i}" for i in range(NODES)]
-    for i, name in enumerate(names):
-        if i < NODES - 1:
-            def node(run, nxt=names[i + 1], i=i):  # type: ignore[no-untyped-def]
-                return goto(nxt, set={"i": i})
-        else:
-            def node(run):  # type: ignore[no-untyped-def]
-                return done({"steps": run.step})
-        wf.node(node, start=(i == 0), name=name)
-    return wf
-
-
-def approval() -> Workflow:
-    """One ask_user, then done."""
-    wf = Workflow("approval")
-
-    @wf.node(start=True)
-    def ask(run):  # type: ignore[no-untyped-def]
-        return ask_user("ok?", choices=["yes", "no"], into="a", then="end")
-
-    @wf.node
-    def end(run):  # type: ignore[no-untyped-def]
-        return done(run.vars["a"])
-
-    return wf
-
 
 CPU: dict[str, list[float]] = {}
 """Per row, the same figure computed over this process's CPU time instead of wall time: on a
