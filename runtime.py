@@ -53,6 +53,7 @@ from .kernel.errors import (
     ConflictError,
     IllegalTransition,
     NotWaiting,
+    RunFinished,
     RunNotFound,
     UnencodableValue,
     UnknownWorkflow,
@@ -206,9 +207,8 @@ class Runtime:
             self._log.info("run.started", run_id=tr.state.run_id, workflow=wf.id,
                            node=tr.state.node, step=tr.state.step)
             queue: deque[_Work] = deque()
-            self._advance((None, tr), queue, strict=True)
-            self._run_queue(queue)
-            return self.store.load(tr.state.run_id)
+            final = self._advance((None, tr), queue, strict=True)
+            return self._settle(final, queue, tr.state.run_id)
 
     def resume(self, run_id: str, key: str, payload: Any = None) -> RunState:
         """Deliver ``payload`` to a run waiting on ``key`` and drive it on.
@@ -223,14 +223,13 @@ class Runtime:
                                    self.clock())
                 queue: deque[_Work] = deque()
                 try:
-                    self._advance((state, tr), queue, strict=True)
+                    final = self._advance((state, tr), queue, strict=True)
                 except ConflictError:
                     if attempt == _RETRIES - 1:
                         raise
                     continue  # lost a race: reload, and the kernel re-checks the input
-                self._run_queue(queue)
-                break
-            return self.store.load(run_id)
+                return self._settle(final, queue, run_id)
+            raise AssertionError("unreachable: the last attempt returns or raises")
 
     def respond(self, run_id: str, answer: Any) -> RunState:
         """Answer the question a run asked with ``ask_user``; ``InvalidAnswer`` if not a choice."""
@@ -240,7 +239,7 @@ class Runtime:
                 state.wait.kind != "user"
             ):
                 if state.status.finished:
-                    return self.resume(run_id, "", answer)  # raises RunFinished, as it should
+                    raise RunFinished(run_id, state.status.value, "respond", "it has finished")
                 raise NotWaiting(run_id, state.status.value, "respond",
                                  "it is not waiting for an answer from a person")
             return self.resume(run_id, state.wait.key, answer)
@@ -488,6 +487,17 @@ class Runtime:
         state = self.store.load(run_id)
         return self._commit(state, make(state))
 
+    def _settle(self, final: RunState | None, queue: deque[_Work], run_id: str) -> RunState:
+        """Drive the runs a call queued, then return ``run_id``'s state.
+
+        The state the drive ended with is the stored one unless another process took the run
+        over (None) or a queued run - a child finishing - may move it on; only then re-read it.
+        """
+        if not queue and final is not None:
+            return final
+        self._run_queue(queue)
+        return self.store.load(run_id)
+
     def _run_queue(self, queue: deque[_Work], *, tolerant: bool = False) -> None:
         """Drive every queued run.  ``tolerant``: log a run that cannot advance and go on
         (recovery), instead of raising to the caller who asked for that run (start, resume).
@@ -505,7 +515,9 @@ class Runtime:
                 self._log.error("run.stuck", run_id=state.run_id, workflow=state.workflow,
                                 node=state.node, step=state.step, error=str(exc))
 
-    def _advance(self, work: _Work, queue: deque[_Work], *, strict: bool = False) -> None:
+    def _advance(
+        self, work: _Work, queue: deque[_Work], *, strict: bool = False
+    ) -> RunState | None:
         """Drive one run until it blocks or finishes, queueing the runs it affects.
 
         ``work`` is the run's last committed state (None: not created yet) and a transition
@@ -515,7 +527,8 @@ class Runtime:
         caller's call never returned.  Every further node gets a commit of its own, so a
         completed node is never run again after a crash.  ``strict``: a lost race on that
         first commit raises ``ConflictError`` (the caller reloads); later ones mean another
-        process drives the run, and end this drive quietly.
+        process drives the run, and end this drive quietly.  Returns the state last committed,
+        or None when another process took the run over.
         """
         committed, pending = work
         state = pending.state if pending is not None else committed
@@ -558,11 +571,12 @@ class Runtime:
             # Another process committed to this run first; it is that process's to drive.
             self._log.info("run.conflict", run_id=state.run_id, workflow=state.workflow,
                            node=state.node, step=state.step)
-            return
+            return None
         if state.status.finished:
             self._log.info(f"run.{state.status.value}", run_id=state.run_id,
                            workflow=state.workflow, node=state.node, step=state.step)
             self._finished(state, queue)
+        return state
 
     def _dispatch(
         self, state: RunState, effect: Effect, queue: deque[_Work]
