@@ -102,6 +102,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _natural(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a position (0 or more), not {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wakepoint", description="wakepoint: a durable workflow kernel."
@@ -138,6 +148,16 @@ def _parser() -> argparse.ArgumentParser:
         "generate", help="write a new Ed25519 key file (mode 0600; never overwrites)"
     )
     generate.add_argument("file", metavar="FILE")
+    rotate = keys_commands.add_parser(
+        "rotate", help="replace a key file's key, keeping the old one as previous"
+    )
+    rotate.add_argument("file", metavar="KEYFILE")
+    rotate.add_argument("--trust", metavar="TRUSTFILE",
+                        help="also move this trust root: the new key valid from --at, the old "
+                             "key revoked from --at")
+    rotate.add_argument("--at", type=_natural, metavar="POSITION",
+                        help="the global ledger position the new key takes over from "
+                             "(needed with --trust)")
     trust = keys_commands.add_parser(
         "trust", help="export a trust root (public keys) for auditors"
     )
@@ -335,6 +355,53 @@ def _keys_generate(args: argparse.Namespace) -> int:
     except OSError as exc:
         return _error(f"cannot write {path}: {exc.strerror or exc}", 1)
     print(signer.key_id)
+    return 0
+
+
+def _write_replacing(path: Path, data: bytes) -> None:
+    """Replace ``path`` atomically (temporary file, fsync, rename), keeping its mode."""
+    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temp, path)
+
+
+def _keys_rotate(args: argparse.Namespace) -> int:
+    from .ledger.trust import TrustError, TrustRoot
+
+    if (args.trust is None) != (args.at is None):
+        return _error("--trust and --at go together: the trust root needs the position the "
+                      "new key takes over from", 2)
+    try:
+        old = Signer.load(args.file)
+    except WakepointError as exc:
+        return _error(str(exc), 1)
+    new = old.rotate()
+    trust = None
+    if args.trust is not None:
+        try:
+            trust = TrustRoot.load(args.trust).rotate(old.key_id, new, args.at)
+        except TrustError as exc:
+            return _error(f"trust root: {exc}", 2)
+    # Key file first: a crash between the two writes leaves a trust root that does not yet
+    # know the new key (the operator re-runs the trust step), never a trust root naming a key
+    # that was lost.
+    try:
+        new.save(args.file, replace=True)
+        if trust is not None:
+            _write_replacing(Path(args.trust), trust.to_json() + b"\n")
+    except OSError as exc:
+        return _error(f"cannot write: {exc.strerror or exc}", 1)
+    print(f"ok: {old.key_id} -> {new.key_id} ({len(new.previous)} previous key(s) kept in "
+          f"{args.file})")
+    if trust is not None:
+        print(f"trust root {args.trust}: {new.key_id} valid from position {args.at}, "
+              f"{old.key_id} revoked from position {args.at}")
     return 0
 
 
@@ -670,6 +737,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _verify_chain(args)
     if args.command == "keys" and args.keys_command == "generate":
         return _keys_generate(args)
+    if args.command == "keys" and args.keys_command == "rotate":
+        return _keys_rotate(args)
     if args.command == "keys" and args.keys_command == "trust":
         return _keys_trust(args)
     if args.command == "worker":

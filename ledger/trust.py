@@ -18,6 +18,12 @@ being audited)::
   valid_until``; ``revoked_at`` (TUF-like revocation with an effective position) ends the range
   too, and is kept apart from ``valid_until`` so the report can say which one applied.
   ``null`` means unbounded.  For a checkpoint, the position checked is its tree size.
+* Rotation (``rotate``; ``wakepoint keys rotate --trust``): the new key is valid from the
+  rotation position with the old key's roles, and the old key is revoked from that position.
+  The ``key.rotated`` record that hands each run over is signed by both keys and may come after
+  that position (the runtime writes it lazily, at the run's next commit); the verifier checks
+  it against the *new* key's range, so a revoked old key can still co-sign a hand-over but
+  nothing else.
 * ``log_id``: when set, the ledger's log id must match it (``run_mismatch`` otherwise), so
   validly signed records of another ledger under the same key are rejected.
 
@@ -150,6 +156,29 @@ class TrustRoot:
         except KeyError:
             raise TrustError(f"no key {key_id} to revoke") from None
         return self.with_key(msgspec.structs.replace(key, revoked_at=at))
+
+    def rotate(self, old_key_id: str, new: Signer, at: int) -> TrustRoot:
+        """A copy in which ``new`` takes over from ``old_key_id`` at global position ``at``:
+        the new key holds the old one's roles from ``at`` on, the old key is revoked from
+        ``at``.  Refuses a negative position, an unknown old key, a new key already trusted,
+        and a position before the old key's own start."""
+        if at < 0:
+            raise TrustError(f"rotation position {at} is negative")
+        try:
+            old = self.keys[old_key_id]
+        except KeyError:
+            raise TrustError(f"the trust root does not hold the key being rotated "
+                             f"({old_key_id})") from None
+        if new.key_id in self.keys:
+            raise TrustError(f"the new key {new.key_id} is already in the trust root")
+        if at < old.valid_from:
+            raise TrustError(f"rotation position {at} is before {old_key_id} became valid "
+                             f"({old.valid_from})")
+        if old.revoked_at is not None and old.revoked_at < at:
+            raise TrustError(f"{old_key_id} is already revoked from position {old.revoked_at}")
+        added = TrustedKey(key_id=new.key_id, public=new.public, roles=old.roles,
+                           valid_from=at)
+        return self.revoke(old_key_id, at).with_key(added)
 
     def publics(self, role: Role) -> dict[str, bytes]:
         """Key id -> raw public key of the keys holding ``role``."""

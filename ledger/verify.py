@@ -257,7 +257,8 @@ class RunResult(msgspec.Struct):
     slots: bytes = b""
     """array('H') of each record's index within its line."""
     key_segments: list[tuple[int, str]] = msgspec.field(default_factory=list)
-    """(first seq, key id) each time the signing key changes."""
+    """(first seq, key id) each time the key whose validity range applies changes (the
+    signer; for a ``key.rotated`` record, the new key)."""
     keys: dict[str, int] = msgspec.field(default_factory=dict)
     problem: Problem | None = None
     torn: Problem | None = None
@@ -299,9 +300,15 @@ class _RunChecker:
         self.last_kind = ""
         self.state_digest: str | None = None
 
+    slotted = True
+    """Positions name the record within its line (``file:line#slot``); a stream of one
+    record per row or line does not (``row n``, ``file:line``)."""
+
     def where(self, line: int, slot: int | None) -> str:
         if self.path.startswith("row "):
             return self.path
+        if not self.slotted:
+            return f"{self.path}:{line}"
         return f"{self.path}:{line}" + ("" if slot is None else f"#{slot}")
 
     def problem(self, code: str, line: int, slot: int | None, detail: str, *,
@@ -311,7 +318,8 @@ class _RunChecker:
         return Problem(
             code=code, where=self.where(line, slot),
             path=None if row is not None else self.path,
-            line=None if row is not None else line, record=slot, row=row,
+            line=None if row is not None else line,
+            record=slot if self.slotted and row is None else None, row=row,
             run_id=self.run_id, seq=seq,
             expected=None if expected is None else str(expected),
             actual=None if actual is None else str(actual), detail=detail,
@@ -413,8 +421,12 @@ class _RunChecker:
                                     "several signatures", seq=seq)
         elif kind == ROTATED and b.key:
             self.key = b.key
-        if not self.segments or self.segments[-1][1] != keyid:
-            self.segments.append((seq, keyid))
+        # The key whose validity range applies at this record's position: its signer, except
+        # for a hand-over, which the old key may co-sign after its revocation - the new key's
+        # range decides (see ``trust``).
+        valid_key = b.key if kind == ROTATED and b.key else keyid
+        if not self.segments or self.segments[-1][1] != valid_key:
+            self.segments.append((seq, valid_key))
         h = _sha256(b"\x00" + body).digest()
         self.leaves += h
         self.lines.append(line)
@@ -980,6 +992,9 @@ def verify(
 
 def _verify_jsonl(path: Path, trust: TrustRoot, anchor: str | None, report: Report,
                   mode: str, processes: int, require_seals: bool) -> None:
+    if path.is_file() and is_export(path):
+        _verify_export(path, trust, anchor, report, mode, require_seals)
+        return
     if path.is_file():
         if anchor is not None:
             raise VerifyUsageError("an anchor needs the whole store (a single run file has no "
@@ -1047,62 +1062,420 @@ def _global(g: _Global, index: bytes, anchor: str | None,
     return torn_index
 
 
-def _verify_sql(url: str, trust: TrustRoot, anchor: str | None, report: Report, mode: str,
-                require_seals: bool) -> None:
-    import sqlalchemy
+# --- record streams: SQL databases and export files ----------------------------------------
+#
+# Both hold the records in global order, one per row or line, so they are checked in one pass:
+# each record goes to its run's checker (routed by the run id read leniently from the body;
+# the checker verifies the signature before it parses anything), its key's range is checked at
+# its position, and each checkpoint is checked where it stands in the stream.
 
-    if anchor is not None:
-        raise VerifyUsageError("checkpoints are not stored in SQL ledgers yet; no anchor")
-    engine = sqlalchemy.create_engine(url)
-    try:
-        with engine.connect() as conn:
-            rows = conn.execute(sqlalchemy.text(
-                "SELECT position, run_id, seq, key_id, body, sig, record_hash "
-                "FROM wp_records ORDER BY position")).all()
-    except sqlalchemy.exc.SQLAlchemyError as exc:
-        raise VerifyUsageError(f"cannot read wp_records: {exc}") from None
-    finally:
-        engine.dispose()
-    ctx = _ctx(trust, mode, require_seals, trust.log_id)
-    checkers: dict[str, _RunChecker] = {}
-    problem: Problem | None = None
-    g = _Global(trust, trust.log_id, {}, mode == "full")
-    for position, run_id, seq, key_id, body, sig, stored_hash in rows:
-        chk = checkers.get(run_id)
+
+class _Item(msgspec.Struct, frozen=True):
+    """One element of a stream: a record (``env``) or a checkpoint note (``note``)."""
+
+    number: int
+    """Row (SQL position) or line number (export), as positions name it."""
+    env: Envelope | None = None
+    note: str | None = None
+    run_id: str | None = None
+    """SQL: the row's ``run_id`` column, which must agree with the body."""
+    seq: int | None = None
+    stored_hash: str | None = None
+    problem: str | None = None
+    """The element could not be read (``malformed``)."""
+
+
+class _Route(msgspec.Struct):
+    run_id: str = ""
+
+
+_route = msgspec.json.Decoder(_Route)
+
+
+class _Stream:
+    """Checks a stream of ``_Item`` in global order."""
+
+    def __init__(self, trust: TrustRoot, log_id: str | None, mode: str, require_seals: bool,
+                 label: Callable[[int], str], ordered: bool = True) -> None:
+        self.trust = trust
+        self.full = mode == "full"
+        self.ordered = ordered
+        self.ctx = _ctx(trust, mode, require_seals, log_id)
+        self.label = label
+        self.checkers: dict[str, _RunChecker] = {}
+        self.g = _Global(trust, self.ctx.log_id, {}, self.full)
+        self.keys: Counter[str] = Counter()
+
+    def checker(self, run_id: str, where: str) -> _RunChecker:
+        chk = self.checkers.get(run_id)
         if chk is None:
-            chk = checkers[run_id] = _RunChecker(ctx, f"row {position}", expect_name=False)
-        chk.path = f"row {position}"
-        env = Envelope(PAYLOAD_TYPE, bytes(body), [Signature(key_id, bytes(sig))])
-        problem = chk.feed(env, int(position), 0)
-        if problem is None and chk.run_id != run_id:
-            problem = chk.problem("run_mismatch", int(position), None, "row run_id differs "
-                                  "from the body's", expected=chk.run_id, actual=run_id)
-        if problem is None and (int(seq) != chk.seq or stored_hash != chk.prev):
-            problem = chk.problem("malformed", int(position), None, "row seq/record_hash "
-                                  "differ from the body", seq=chk.seq)
-        if problem is None and mode == "full":
-            key = trust.keys[key_id]
-            why = key.invalid_at(len(g.leaves))
+            chk = self.checkers[run_id] = _RunChecker(self.ctx, where, expect_name=False)
+            chk.slotted = False
+        # A row names itself; a line is named by its file (the checker adds the number).
+        chk.path = where if where.startswith("row ") else where.rpartition(":")[0]
+        return chk
+
+    def feed(self, item: _Item) -> Problem | None:
+        where = self.label(item.number)
+        if item.problem is not None:
+            return Problem(code="malformed", where=where, detail=item.problem,
+                           **self._at(item.number))
+        if item.note is not None:
+            if not self.ordered:
+                return None
+            return self.g.checkpoint(item.note, where, anchor=False)
+        env = item.env
+        assert env is not None
+        try:
+            run_id = item.run_id if item.run_id is not None else _route.decode(env.payload).run_id
+        except ValueError:
+            run_id = ""  # unreadable: a fresh checker reports it (bad signature or malformed)
+        chk = self.checker(run_id, where)
+        p = chk.feed(env, item.number, 0)
+        if p is None and item.run_id is not None and chk.run_id != item.run_id:
+            p = chk.problem("run_mismatch", item.number, None, "the row's run_id differs from "
+                            "the body's", seq=chk.seq, expected=chk.run_id, actual=item.run_id)
+        if p is None and item.seq is not None and (item.seq != chk.seq
+                                                   or item.stored_hash != chk.prev):
+            p = chk.problem("malformed", item.number, None, "the row's seq/record_hash differ "
+                            "from the record", seq=chk.seq)
+        if p is None and self.full and self.ordered:
+            key_id = chk.segments[-1][1]
+            why = self.trust.keys[key_id].invalid_at(len(self.g.leaves))
             if why is not None:
-                problem = chk.problem("key_not_valid", int(position), None, why, seq=chk.seq,
-                                      actual=key_id)
-        if problem is not None:
-            break
-        g.leaves.append(bytes(chk.leaves[-32:]))
-    if problem is None:
-        for chk in checkers.values():
-            problem = chk.finish(0)
+                p = chk.problem("key_not_valid", item.number, None, why, seq=chk.seq,
+                                actual=key_id)
+                p = msgspec.structs.replace(p, position=len(self.g.leaves))
+        if p is not None:
+            return p
+        self.g.leaves.append(bytes(chk.leaves[-32:]))
+        return None
+
+    def _at(self, number: int) -> dict[str, int | str]:
+        where = self.label(number)
+        if where.startswith("row "):
+            return {"row": number}
+        return {"path": where.rpartition(":")[0], "line": number}
+
+    def finish(self, report: Report, anchor: str | None, problem: Problem | None,
+               torn: Problem | None) -> None:
+        if problem is None:
+            for chk in self.checkers.values():
+                problem = chk.finish(chk.lines[-1] if chk.lines else 0)
+                if problem is not None:
+                    break
+        if problem is None and anchor is not None:
+            problem = self.g.checkpoint(anchor, "anchor", anchor=True)
+        for chk in self.checkers.values():
+            self.keys.update(chk.keys)
+        report.keys = dict(sorted(self.keys.items()))
+        report.records = len(self.g.leaves)
+        report.runs = len(self.checkers)
+        report.error = problem or torn
+        report.crash = problem is None and torn is not None
+        if self.ordered:
+            report.checkpoint = self.g.last
+            report.uncovered = len(self.g.leaves) - max(self.g.last_size, 0)
+
+    def run(self, items: Iterable[_Item], report: Report, anchor: str | None,
+            torn: Problem | None = None) -> None:
+        problem = None
+        for item in items:
+            problem = self.feed(item)
             if problem is not None:
                 break
-    keys: Counter[str] = Counter()
-    for chk in checkers.values():
-        keys.update(chk.keys)
-    report.keys = dict(sorted(keys.items()))
-    report.records = len(g.leaves)
-    report.runs = len(checkers)
-    report.error = problem
-    report.uncovered = len(g.leaves)
-    report.unchecked = ["checkpoints", "rotation"]
+        self.finish(report, anchor, problem, torn)
+
+
+_cosigs = msgspec.json.Decoder(list[Signature])
+
+
+def _sql_items(url: str) -> tuple[str | None, list[_Item], list[str]]:
+    """The log id, the records (with ``cosigs`` when the schema has that column) and stored
+    checkpoints (when it has ``wp_checkpoints``) of a SQL store, in global order, each
+    checkpoint placed right after the last record it covers (its tree size); and what the
+    schema cannot hold (before migration 0002: ``checkpoints``, ``rotation``)."""
+    import sqlalchemy
+
+    try:
+        engine = sqlalchemy.create_engine(url)
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError) as exc:
+        raise VerifyUsageError(f"cannot open {url}: {exc}") from None
+    try:
+        with engine.connect() as conn:
+            inspector = sqlalchemy.inspect(conn)
+            tables = set(inspector.get_table_names())
+            if "wp_records" not in tables:
+                raise VerifyUsageError(f"{url}: not a wakepoint SQL store (no wp_records)")
+            columns = {c["name"] for c in inspector.get_columns("wp_records")}
+            cos = ", cosigs" if "cosigs" in columns else ""
+            rows = conn.execute(sqlalchemy.text(
+                "SELECT position, run_id, seq, key_id, body, sig, record_hash" + cos +
+                " FROM wp_records ORDER BY position")).all()
+            log_id = None
+            if "wp_meta" in tables:
+                found = conn.execute(sqlalchemy.text("SELECT log_id FROM wp_meta")).all()
+                log_id = str(found[0][0]) if len(found) == 1 else None
+            notes: list[str] = []
+            if "wp_checkpoints" in tables:
+                notes = _sql_checkpoints(conn, inspector)
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        raise VerifyUsageError(f"cannot read the ledger of {url}: {exc}") from None
+    finally:
+        engine.dispose()
+    items: list[_Item] = []
+    for row in rows:
+        position, run_id, seq, key_id, body, sig, stored_hash = row[:7]
+        problem = None
+        extra: list[Signature] = []
+        raw = row[7] if cos else None
+        if raw:
+            try:
+                extra = _cosigs.decode(bytes(raw) if not isinstance(raw, str) else raw)
+            except ValueError as exc:
+                problem = f"cosigs: {exc}"
+        env = Envelope(PAYLOAD_TYPE, bytes(body), [Signature(key_id, bytes(sig)), *extra])
+        items.append(_Item(int(position), env=env, run_id=run_id, seq=int(seq),
+                           stored_hash=stored_hash, problem=problem))
+    lacks = [name for name, present in (("checkpoints", "wp_checkpoints" in tables),
+                                        ("rotation", bool(cos))) if not present]
+    return log_id, _place(items, notes), lacks
+
+
+def _sql_checkpoints(conn: object, inspector: object) -> list[str]:
+    """The checkpoint notes of ``wp_checkpoints`` in the order they were stored.  The text is
+    the column named ``checkpoint`` (or ``note``); the order is the first of ``id``,
+    ``position``, ``size``, ``created_at`` present."""
+    import sqlalchemy
+
+    names = [c["name"] for c in inspector.get_columns("wp_checkpoints")]  # type: ignore[attr-defined]
+    text = next((n for n in ("checkpoint", "note", "text") if n in names), None)
+    if text is None:
+        raise VerifyUsageError("wp_checkpoints has no checkpoint text column")
+    order = next((n for n in ("id", "position", "size", "created_at") if n in names), text)
+    rows = conn.execute(sqlalchemy.text(  # type: ignore[attr-defined]
+        f"SELECT {text} FROM wp_checkpoints ORDER BY {order}")).all()
+    return [r[0] if isinstance(r[0], str) else bytes(r[0]).decode("utf-8", "replace")
+            for r in rows]
+
+
+def _place(items: list[_Item], notes: Sequence[str]) -> list[_Item]:
+    """Interleave checkpoint notes into records: each right after the record its size ends
+    at, never before an earlier note (a later, smaller note stays later: ``rollback``); a note
+    that does not parse goes where it was found in order (it is reported ``malformed``)."""
+    out: list[_Item] = []
+    i = 0
+    for k, note in enumerate(notes, start=1):
+        try:
+            size = parse_checkpoint(note)[0].size
+        except CheckpointError:
+            size = 0
+        while i < min(size, len(items)):
+            out.append(items[i])
+            i += 1
+        out.append(_Item(-k, note=note))
+    out.extend(items[i:])
+    return out
+
+
+def _sql_label(number: int) -> str:
+    return f"row {number}" if number > 0 else f"wp_checkpoints #{-number}"
+
+
+def _verify_sql(url: str, trust: TrustRoot, anchor: str | None, report: Report, mode: str,
+                require_seals: bool) -> None:
+    log_id, items, lacks = _sql_items(url)
+    if mode == "chain" and anchor is not None:
+        raise VerifyUsageError("an anchor needs full mode")
+    stream = _Stream(trust, trust.log_id or log_id, mode, require_seals, _sql_label)
+    stream.run(items, report, anchor)
+    report.unchecked = (["signatures", "key_validity", "checkpoints"] if mode == "chain"
+                        else lacks)
+
+
+# --- export files ------------------------------------------------------------------------
+
+EXPORT_FORMAT = "wakepoint-ledger-export"
+"""The ``format`` value of an export file's header line."""
+
+
+class ExportHeader(msgspec.Struct, forbid_unknown_fields=True):
+    """The first line of an export file.  ``ordered``: records are in the store's global
+    order and checkpoints stand where they were taken (false for a JSONL store without
+    ``index.jsonl``: records then come run by run, and key ranges and checkpoints cannot be
+    checked)."""
+
+    format: str
+    v: int
+    log_id: str
+    ordered: bool
+    records: int
+    """How many record lines follow (a cut export is ``malformed``, not a shorter ledger)."""
+
+
+_header_decoder = msgspec.json.Decoder(ExportHeader)
+_env_decoder = msgspec.json.Decoder(Envelope)
+_EXPORT_HEAD = b'{"format":"' + EXPORT_FORMAT.encode() + b'"'
+
+
+def is_export(path: Path) -> bool:
+    """Whether ``path`` is a file starting with an export header."""
+    try:
+        with path.open("rb") as f:
+            return f.read(len(_EXPORT_HEAD)) == _EXPORT_HEAD
+    except OSError:
+        return False
+
+
+def _export_items(data: bytes) -> tuple[ExportHeader, list[_Item], int | None]:
+    """The header, the items, and the line number of a torn last line (if any)."""
+    lines = data.split(b"\n")
+    tail = lines.pop()
+    torn = len(lines) + 1 if tail else None
+    try:
+        header = _header_decoder.decode(lines[0])
+    except (ValueError, IndexError) as exc:
+        raise VerifyUsageError(f"not a ledger export: header: {exc}") from None
+    if header.format != EXPORT_FORMAT or header.v != 1:
+        raise VerifyUsageError(f"unsupported export {header.format} v{header.v}")
+    items: list[_Item] = []
+    count = 0
+    for number, raw in enumerate(lines[1:], start=2):
+        try:
+            if raw.startswith(b'{"checkpoint"'):
+                cp = _index_cp.decode(raw)
+                if _encoder.encode(cp) != raw:
+                    raise ValueError("not in canonical form")
+                items.append(_Item(number, note=cp.checkpoint))
+                continue
+            env = _env_decoder.decode(raw)
+            if _encoder.encode(env) != raw:
+                raise ValueError("not in canonical form")
+            items.append(_Item(number, env=env))
+            count += 1
+        except ValueError as exc:  # msgspec errors and bad UTF-8 alike
+            items.append(_Item(number, problem=f"export line: {exc}"))
+            break
+    if torn is None and count != header.records and items and items[-1].problem is None:
+        items.append(_Item(len(lines) + 1, problem=f"the header announces {header.records} "
+                           f"records and the export holds {count}: a cut or padded export"))
+    return header, items, torn
+
+
+def _verify_export(path: Path, trust: TrustRoot, anchor: str | None, report: Report,
+                   mode: str, require_seals: bool) -> None:
+    header, items, torn_at = _export_items(path.read_bytes())
+    name = path.name
+    if anchor is not None and (mode == "chain" or not header.ordered):
+        raise VerifyUsageError("an anchor needs full mode and an ordered export")
+    stream = _Stream(trust, trust.log_id or header.log_id, mode, require_seals,
+                     lambda n: f"{name}:{n}", ordered=header.ordered)
+    torn = None
+    if torn_at is not None:
+        torn = Problem(code="incomplete_tail_write", where=f"{name}:{torn_at}", path=name,
+                       line=torn_at, detail="the export's last line has no newline")
+    stream.run(items, report, anchor, torn)
+    if mode == "chain":
+        report.unchecked = ["signatures", "key_validity", "checkpoints"]
+    elif not header.ordered:
+        report.unchecked = ["key_validity", "checkpoints"]
+
+
+class ExportError(ValueError):
+    """The store's records cannot be exported as they stand (run files and index disagree,
+    a damaged line): ``ledger verify`` on the store says exactly what is wrong."""
+
+
+def _jsonl_export(root_dir: Path) -> tuple[str, bool, list[bytes]]:
+    """Log id, ordered, and the export's body lines of a JSONL store."""
+    log_id = _read_log_id(root_dir)
+    if log_id is None:
+        raise ExportError(f"{root_dir}: no readable log.json")
+    runs: dict[str, list[Envelope]] = {}
+    for f in sorted((root_dir / "runs").iterdir()):
+        if not f.name.endswith(".jsonl"):
+            continue
+        envs: list[Envelope] = []
+        lines = f.read_bytes().split(b"\n")
+        lines.pop()  # a torn last line is a write that never completed: not in the ledger
+        for number, raw in enumerate(lines, start=1):
+            try:
+                envs.extend(_line_decoder.decode(raw).records)
+            except ValueError as exc:
+                raise ExportError(f"runs/{f.name}:{number}: {exc}") from None
+        if envs:
+            try:
+                run_id = _route.decode(envs[0].payload).run_id
+            except ValueError as exc:
+                raise ExportError(f"runs/{f.name}:1: {exc}") from None
+            runs[run_id] = envs
+    index = root_dir / INDEX_FILE
+    if not index.exists():
+        return log_id, False, [_encoder.encode(e) for envs in runs.values() for e in envs]
+    out: list[bytes] = []
+    done: dict[str, int] = {}
+    lines = index.read_bytes().split(b"\n")
+    lines.pop()
+    for number, raw in enumerate(lines, start=1):
+        if raw.startswith(b'{"checkpoint"'):
+            out.append(raw)
+            continue
+        try:
+            leaf = _index_leaf.decode(raw)
+        except ValueError as exc:
+            raise ExportError(f"{INDEX_FILE}:{number}: {exc}") from None
+        envs = runs.get(leaf.run_id, [])
+        for offset, h in enumerate(leaf.hashes):
+            seq = leaf.seq + offset
+            if (seq != done.get(leaf.run_id, 0) or seq >= len(envs)
+                    or _sha256(b"\x00" + envs[seq].payload).hexdigest() != h):
+                raise ExportError(f"{INDEX_FILE}:{number}: the index and the run files "
+                                  f"disagree at {leaf.run_id!r} seq {seq}")
+            done[leaf.run_id] = seq + 1
+            out.append(_encoder.encode(envs[seq]))
+    for run_id, envs in runs.items():
+        if done.get(run_id, 0) != len(envs):
+            raise ExportError(f"run {run_id!r} holds records the index does not list")
+    return log_id, True, out
+
+
+def export(source: str | os.PathLike[str], out: str | os.PathLike[str]) -> int:
+    """Write the ledger of ``source`` (a JSONL store directory or a SQLAlchemy URL) to the
+    new file ``out`` as an export file (see docs/AUDIT.md); returns the number of records.
+
+    The export is a transcription, not a verification: records and checkpoints as stored,
+    in global order.  Refuses (``ExportError``) a store whose records cannot be put in order
+    (run files and index disagree) and (``FileExistsError``) an existing ``out``."""
+    text = os.fspath(source)
+    if "://" in text:
+        log_id, items, _ = _sql_items(text)
+        if log_id is None:
+            raise ExportError(f"{text}: no log id in wp_meta")
+        ordered = True
+        body = [_encoder.encode(CheckpointLine(i.note)) if i.note is not None
+                else _encoder.encode(i.env) for i in items if i.problem is None]
+        if any(i.problem is not None for i in items):
+            raise ExportError(f"{text}: a row whose signatures cannot be read")
+    else:
+        path = Path(text.removeprefix("jsonl:"))
+        if not (path / "runs").is_dir():
+            raise ExportError(f"{path}: not a JSONL store (no runs/ directory)")
+        log_id, ordered, body = _jsonl_export(path)
+    records = sum(1 for line in body if not line.startswith(b'{"checkpoint"'))
+    header = _encoder.encode(ExportHeader(EXPORT_FORMAT, 1, log_id, ordered, records))
+    target = Path(out)
+    temp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    with open(temp, "xb") as f:
+        f.write(header + b"\n")
+        for line in body:
+            f.write(line + b"\n")
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(temp, target)  # never replaces an existing file
+    finally:
+        os.unlink(temp)
+    return records
 
 
 # --- presentation ------------------------------------------------------------------------

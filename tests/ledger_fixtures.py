@@ -88,10 +88,14 @@ class Ledger:
         state, rec = seal_record(signer or self.rt.signer, self.log_id, old, self.clock())
         self.store.commit(run_id, old.seq, state, [rec])
 
-    def rotate(self, run_id: str, new: Signer, *, cosign: bool = True) -> None:
-        """Hand ``run_id`` (and the runtime) to ``new``; ``cosign=False`` forges it."""
+    def rotate(self, run_id: str, new: Signer, *, cosign: bool = True,
+               old_key: Signer | None = None) -> None:
+        """Hand ``run_id`` (and the runtime) to ``new`` with a ``key.rotated`` record signed
+        by ``old_key`` (default: the runtime's current key) and ``new``; ``cosign=False``
+        forges it (the old key's signature only)."""
         old = self.store.load(run_id)
-        state, rec = rotation_record(self.rt.signer, new, self.log_id, old, self.clock())
+        state, rec = rotation_record(old_key or self.rt.signer, new, self.log_id, old,
+                                     self.clock())
         if not cosign:
             from msgspec.structs import replace
 
