@@ -117,6 +117,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="wakepoint", description="wakepoint: a durable workflow kernel."
     )
     parser.add_argument("--version", action="version", version=f"wakepoint {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="let unexpected errors raise with their traceback")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     ledger = commands.add_parser("ledger", help="inspect and verify run ledgers")
@@ -133,6 +135,20 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--json", action="store_true", help="print the full report as JSON")
     audit.add_argument("--mode", choices=("full", "chain"), default="full",
                        help="full (default) or chain: hashes and links only, no signatures")
+    export = ledger_commands.add_parser(
+        "export", help="write a store's ledger as one portable, verifiable file"
+    )
+    export.add_argument("--store", required=True, metavar="URL",
+                        help="a JSONL store (jsonl:PATH or PATH) or a SQL URL")
+    export.add_argument("out", metavar="OUT", help="the export file to create (never replaced)")
+    checkpoint = ledger_commands.add_parser(
+        "checkpoint", help="print (or --export) the latest signed checkpoint a store holds"
+    )
+    checkpoint.add_argument("--store", required=True, metavar="URL",
+                            help="a JSONL store (jsonl:PATH or PATH) or a SQL URL")
+    checkpoint.add_argument("--export", metavar="FILE",
+                            help="write it to FILE (an anchor for ledger verify --anchor); "
+                                 "refuses to move FILE's checkpoint backwards or sideways")
     chain = ledger_commands.add_parser(
         "verify-chain", help="verify one run's hash chain and signatures with one key"
     )
@@ -306,6 +322,73 @@ def _verify_chain(args: argparse.Namespace) -> int:
     return 0
 
 
+REQUIRE_SEALS = False
+"""THE switch for ``ledger verify``: whether a finished run must end with ``run.sealed``
+(``missing_seal`` otherwise).  False while the runtime does not seal finished runs; flip it
+to True when it does (nothing else changes)."""
+
+PROGRESS_MIN_RECORDS = 100_000
+"""``ledger verify`` draws a progress bar on a terminal only once this many records are
+checked, so that small ledgers print nothing but their summary."""
+
+
+class _Source(Exception):
+    """A ledger source that does not exist (exit 2 for ``verify``, 1 for the others)."""
+
+
+def _ledger_source(text: str) -> str:
+    """A ``verify``/``export``/``checkpoint`` source: a path (``jsonl:`` prefix dropped) or a
+    SQL URL whose SQLite file exists (connecting to a missing file would create it)."""
+    source = text.removeprefix("jsonl:")
+    if source.startswith("sqlite:"):
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        from .stores.sql_engine import sqlite_path
+
+        try:
+            path = sqlite_path(make_url(source))
+        except ArgumentError as exc:
+            raise _Source(f"not a SQLAlchemy URL: {source!r} ({exc})") from None
+        if path is not None and not path.is_file():
+            raise _Source(f"no SQLite database at {path}")
+    elif "://" not in source and not Path(source).exists():
+        raise _Source(f"no ledger at {source}")
+    return source
+
+
+class _Progress:
+    """A one-line progress bar on stderr, only when stderr is a terminal and only once
+    ``PROGRESS_MIN_RECORDS`` records are checked; ``done`` erases it."""
+
+    WIDTH = 30
+
+    def __init__(self, stream: Any = None) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.on = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.drawn = False
+        self.last = -1
+
+    def __call__(self, records: int, done: int, total: int) -> None:
+        if not self.on or records < PROGRESS_MIN_RECORDS or total <= 0:
+            return
+        fraction = min(done / total, 1.0)
+        percent = int(fraction * 100)
+        if percent == self.last:
+            return
+        self.last = percent
+        filled = int(fraction * self.WIDTH)
+        bar = "#" * filled + "-" * (self.WIDTH - filled)
+        self.stream.write(f"\rverifying [{bar}] {percent:3d}%  {records:,} records")
+        self.stream.flush()
+        self.drawn = True
+
+    def done(self) -> None:
+        if self.drawn:
+            self.stream.write("\r\x1b[2K")
+            self.stream.flush()
+
+
 def _ledger_verify(args: argparse.Namespace) -> int:
     from .ledger.trust import TrustError, TrustRoot
     from .ledger.verify import VerifyUsageError, render_summary, verify
@@ -320,27 +403,80 @@ def _ledger_verify(args: argparse.Namespace) -> int:
             anchor = Path(args.anchor).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             return _error(f"anchor {args.anchor}: {getattr(exc, 'strerror', None) or exc}", 2)
-    source: str = args.source.removeprefix("jsonl:")
-    if source.startswith("sqlite:"):
-        # Connecting to a SQLite file that does not exist would create it.
-        from sqlalchemy.engine import make_url
-        from sqlalchemy.exc import ArgumentError
-
-        from .stores.sql_engine import sqlite_path
-
-        try:
-            path = sqlite_path(make_url(source))
-        except ArgumentError as exc:
-            return _error(f"not a SQLAlchemy URL: {source!r} ({exc})", 2)
-        if path is not None and not path.is_file():
-            return _error(f"no SQLite database at {path}", 2)
+    try:
+        source = _ledger_source(args.source)
+    except _Source as exc:
+        return _error(str(exc), 2)
+    progress = _Progress()
     try:
         report = verify(source, trust, anchor=anchor, mode=args.mode,
-                        processes=os.cpu_count() or 1, require_seals=False)
+                        processes=os.cpu_count() or 1, require_seals=REQUIRE_SEALS,
+                        progress=progress)
     except VerifyUsageError as exc:
         return _error(str(exc), 2)
+    finally:
+        progress.done()
     print(report.to_json().decode() if args.json else render_summary(report))
     return 0 if report.ok else 1
+
+
+def _ledger_export(args: argparse.Namespace) -> int:
+    from .ledger.verify import ExportError, VerifyUsageError, export
+
+    try:
+        source = _ledger_source(args.store)
+        records = export(source, args.out)
+    except (_Source, ExportError, VerifyUsageError) as exc:
+        return _error(str(exc), 1)
+    except FileExistsError:
+        return _error(f"{args.out} already exists; not overwriting an export", 1)
+    except OSError as exc:
+        return _error(f"cannot write {args.out}: {exc.strerror or exc}", 1)
+    print(f"ok: {records} records -> {args.out}")
+    return 0
+
+
+def _ledger_checkpoint(args: argparse.Namespace) -> int:
+    from .ledger.checkpoint import CheckpointError, parse_checkpoint
+    from .ledger.verify import VerifyUsageError, stored_checkpoints
+
+    try:
+        notes = stored_checkpoints(_ledger_source(args.store))
+    except (_Source, VerifyUsageError) as exc:
+        return _error(str(exc), 1)
+    if not notes:
+        return _error(f"{args.store} holds no signed checkpoint yet", 1)
+    note = notes[-1]
+    try:
+        cp = parse_checkpoint(note)[0]
+    except CheckpointError as exc:
+        return _error(f"the latest stored checkpoint is damaged: {exc}", 1)
+    if args.export is None:
+        sys.stdout.write(note)
+        return 0
+    target = Path(args.export)
+    if target.exists():
+        # The file is the auditor's anchor: moving it back (a smaller tree) or sideways (same
+        # size, another root) would throw away exactly what it protects against.
+        try:
+            held = parse_checkpoint(target.read_text(encoding="utf-8"))[0]
+        except (OSError, UnicodeDecodeError, CheckpointError) as exc:
+            return _error(f"{target} holds no checkpoint ({exc}); not replacing it", 1)
+        if held.origin != cp.origin:
+            return _error(f"{target} holds a checkpoint of {held.origin}, the store is "
+                          f"{cp.origin}; not replacing it", 1)
+        if cp.size < held.size:
+            return _error(f"rollback: the store's latest checkpoint (size {cp.size}) is older "
+                          f"than the one in {target} (size {held.size}); not replacing it", 1)
+        if cp.size == held.size and cp.root != held.root:
+            return _error(f"equivocation: the store's checkpoint of size {cp.size} has another "
+                          f"root than the one in {target}; not replacing it", 1)
+    try:
+        _write_replacing(target, note.encode())
+    except OSError as exc:
+        return _error(f"cannot write {target}: {exc.strerror or exc}", 1)
+    print(f"ok: checkpoint of {cp.size} records ({cp.origin}) -> {target}")
+    return 0
 
 
 def _keys_generate(args: argparse.Namespace) -> int:
@@ -728,23 +864,28 @@ def _run_command(args: argparse.Namespace) -> int:
         return _error(f"{type(exc).__name__}: {exc}", 1)
 
 
+_COMMANDS: dict[tuple[str, str | None], Callable[[argparse.Namespace], int]] = {
+    ("ledger", "verify"): _ledger_verify, ("ledger", "export"): _ledger_export,
+    ("ledger", "checkpoint"): _ledger_checkpoint, ("ledger", "verify-chain"): _verify_chain,
+    ("keys", "generate"): _keys_generate, ("keys", "rotate"): _keys_rotate,
+    ("keys", "trust"): _keys_trust, ("worker", None): _worker, ("db", "upgrade"): _db_upgrade,
+    **{(name, None): _run_command for name in ("run", "runs", "respond", "send", "cancel")},
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line ``argv`` (default ``sys.argv[1:]``); return the exit code."""
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); return the exit code.
+
+    Anything a command did not expect is one line on stderr and exit 1; ``--debug`` lets it
+    raise instead, with its traceback."""
     args = _parser().parse_args(argv)
-    if args.command == "ledger" and args.ledger_command == "verify":
-        return _ledger_verify(args)
-    if args.command == "ledger" and args.ledger_command == "verify-chain":
-        return _verify_chain(args)
-    if args.command == "keys" and args.keys_command == "generate":
-        return _keys_generate(args)
-    if args.command == "keys" and args.keys_command == "rotate":
-        return _keys_rotate(args)
-    if args.command == "keys" and args.keys_command == "trust":
-        return _keys_trust(args)
-    if args.command == "worker":
-        return _worker(args)
-    if args.command == "db" and args.db_command == "upgrade":
-        return _db_upgrade(args)
-    if args.command in ("run", "runs", "respond", "send", "cancel"):
-        return _run_command(args)
-    raise AssertionError(f"unhandled command {args.command!r}")  # argparse requires one
+    sub = {"ledger": "ledger_command", "keys": "keys_command", "db": "db_command"}
+    command = _COMMANDS[(args.command, getattr(args, sub.get(args.command, ""), None))]
+    if args.debug:
+        return command(args)
+    try:
+        return command(args)
+    except KeyboardInterrupt:
+        return _error("interrupted", 130)
+    except Exception as exc:  # the operator gets one line; --debug shows everything
+        return _error(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)", 1)

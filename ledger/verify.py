@@ -901,14 +901,32 @@ def _walk_index(g: _Global, data: bytes) -> Problem | None:
 # --- sources -----------------------------------------------------------------------------
 
 
+Progress = Callable[[int, int, int], None]
+"""``progress(records checked, work done, work total)``; work is bytes of run files or
+elements of a stream."""
+
+
 def _check_chunk(args: tuple[list[tuple[str, str]], _Ctx]) -> list[RunResult]:
     files, ctx = args
     return [check_run_file(path, rel, ctx) for path, rel in files]
 
 
-def _check_files(files: list[tuple[str, str]], ctx: _Ctx, processes: int) -> list[RunResult]:
+def _check_files(files: list[tuple[str, str]], ctx: _Ctx, processes: int,
+                 progress: Progress | None = None) -> list[RunResult]:
+    if progress is not None:
+        sizes = {path: os.path.getsize(path) for path, _ in files}
+        total = sum(sizes.values())
     if processes <= 1 or len(files) < 2:
-        return _check_chunk((files, ctx))
+        if progress is None:
+            return _check_chunk((files, ctx))
+        results, records, done = [], 0, 0
+        for path, rel in files:
+            res = check_run_file(path, rel, ctx)
+            results.append(res)
+            records += res.count
+            done += sizes[path]
+            progress(records, done, total)
+        return results
     # Balance by size: the largest files first, each to the least-loaded worker.
     sized = sorted(files, key=lambda f: -os.path.getsize(f[0]))
     chunks: list[list[tuple[str, str]]] = [[] for _ in range(processes * 4)]
@@ -919,8 +937,14 @@ def _check_files(files: list[tuple[str, str]], ctx: _Ctx, processes: int) -> lis
         loads[i] += os.path.getsize(f[0])
     with ProcessPoolExecutor(processes) as pool:
         out: list[RunResult] = []
-        for part in pool.map(_check_chunk, [(c, ctx) for c in chunks if c]):
+        done = 0
+        used = [c for c in chunks if c]
+        for chunk, part in zip(used, pool.map(_check_chunk, [(c, ctx) for c in used]),
+                               strict=True):
             out.extend(part)
+            if progress is not None:
+                done += sum(sizes[path] for path, _ in chunk)
+                progress(sum(r.count for r in out), done, total)
     return out
 
 
@@ -967,13 +991,15 @@ def verify(
     *,
     processes: int = 1,
     require_seals: bool = True,
+    progress: Progress | None = None,
 ) -> Report:
     """Verify a ledger; see the module docstring for every rule and the order of errors.
 
     ``source``: a JSONL store directory, one ``.jsonl`` run file, or a SQLAlchemy URL
     (``sqlite:///...``, ``postgresql+psycopg://...``).  ``anchor``: the text of the last
     signed checkpoint the auditor holds.  ``processes``: worker processes for run files.
-    ``require_seals``: a finished run must end with ``run.sealed``.  Raises
+    ``require_seals``: a finished run must end with ``run.sealed``.  ``progress`` is called
+    now and then with (records checked, work done, work total).  Raises
     ``VerifyUsageError`` for a source it cannot read or an anchor it cannot place.
     """
     if mode not in ("full", "chain"):
@@ -982,18 +1008,20 @@ def verify(
     text = os.fspath(source)
     report = Report(ok=False, source=text, mode=mode)
     if "://" in text:
-        _verify_sql(text, trust, anchor, report, mode, require_seals)
+        _verify_sql(text, trust, anchor, report, mode, require_seals, progress)
     else:
-        _verify_jsonl(Path(text), trust, anchor, report, mode, processes, require_seals)
+        _verify_jsonl(Path(text), trust, anchor, report, mode, processes, require_seals,
+                      progress)
     report.ok = report.error is None
     report.seconds = round(time.perf_counter() - started, 6)
     return report
 
 
 def _verify_jsonl(path: Path, trust: TrustRoot, anchor: str | None, report: Report,
-                  mode: str, processes: int, require_seals: bool) -> None:
+                  mode: str, processes: int, require_seals: bool,
+                  progress: Progress | None) -> None:
     if path.is_file() and is_export(path):
-        _verify_export(path, trust, anchor, report, mode, require_seals)
+        _verify_export(path, trust, anchor, report, mode, require_seals, progress)
         return
     if path.is_file():
         if anchor is not None:
@@ -1012,7 +1040,7 @@ def _verify_jsonl(path: Path, trust: TrustRoot, anchor: str | None, report: Repo
     ctx = _ctx(trust, mode, require_seals, log_id)
     files = sorted((str(f), f"runs/{f.name}") for f in (path / "runs").iterdir()
                    if f.name.endswith(".jsonl"))
-    results = _check_files(files, ctx, processes)
+    results = _check_files(files, ctx, processes, progress)
     problem, torn = _finish_runs(results, report, log_id)
     if problem is not None:
         report.error = problem
@@ -1177,13 +1205,16 @@ class _Stream:
             report.checkpoint = self.g.last
             report.uncovered = len(self.g.leaves) - max(self.g.last_size, 0)
 
-    def run(self, items: Iterable[_Item], report: Report, anchor: str | None,
-            torn: Problem | None = None) -> None:
+    def run(self, items: Sequence[_Item], report: Report, anchor: str | None,
+            torn: Problem | None = None, progress: Progress | None = None) -> None:
         problem = None
-        for item in items:
+        total = len(items)
+        for done, item in enumerate(items, start=1):
             problem = self.feed(item)
             if problem is not None:
                 break
+            if progress is not None and not done % 10_000:
+                progress(len(self.g.leaves), done, total)
         self.finish(report, anchor, problem, torn)
 
 
@@ -1283,12 +1314,12 @@ def _sql_label(number: int) -> str:
 
 
 def _verify_sql(url: str, trust: TrustRoot, anchor: str | None, report: Report, mode: str,
-                require_seals: bool) -> None:
+                require_seals: bool, progress: Progress | None = None) -> None:
     log_id, items, lacks = _sql_items(url)
     if mode == "chain" and anchor is not None:
         raise VerifyUsageError("an anchor needs full mode")
     stream = _Stream(trust, trust.log_id or log_id, mode, require_seals, _sql_label)
-    stream.run(items, report, anchor)
+    stream.run(items, report, anchor, progress=progress)
     report.unchecked = (["signatures", "key_validity", "checkpoints"] if mode == "chain"
                         else lacks)
 
@@ -1363,7 +1394,7 @@ def _export_items(data: bytes) -> tuple[ExportHeader, list[_Item], int | None]:
 
 
 def _verify_export(path: Path, trust: TrustRoot, anchor: str | None, report: Report,
-                   mode: str, require_seals: bool) -> None:
+                   mode: str, require_seals: bool, progress: Progress | None = None) -> None:
     header, items, torn_at = _export_items(path.read_bytes())
     name = path.name
     if anchor is not None and (mode == "chain" or not header.ordered):
@@ -1374,11 +1405,47 @@ def _verify_export(path: Path, trust: TrustRoot, anchor: str | None, report: Rep
     if torn_at is not None:
         torn = Problem(code="incomplete_tail_write", where=f"{name}:{torn_at}", path=name,
                        line=torn_at, detail="the export's last line has no newline")
-    stream.run(items, report, anchor, torn)
+    stream.run(items, report, anchor, torn, progress)
     if mode == "chain":
         report.unchecked = ["signatures", "key_validity", "checkpoints"]
     elif not header.ordered:
         report.unchecked = ["key_validity", "checkpoints"]
+
+
+def stored_checkpoints(source: str | os.PathLike[str]) -> list[str]:
+    """The signed checkpoint notes a store holds, oldest first (not verified): the
+    checkpoint lines of a JSONL store's ``index.jsonl``, or the ``wp_checkpoints`` rows of a
+    SQL store (none before migration 0002)."""
+    text = os.fspath(source)
+    if "://" not in text:
+        path = Path(text.removeprefix("jsonl:"))
+        if not (path / "runs").is_dir():
+            raise VerifyUsageError(f"{path}: not a JSONL store (no runs/ directory)")
+        index = path / INDEX_FILE
+        if not index.exists():
+            return []
+        lines = index.read_bytes().split(b"\n")[:-1]
+        notes = []
+        for number, raw in enumerate(lines, start=1):
+            if raw.startswith(b'{"checkpoint"'):
+                try:
+                    notes.append(_index_cp.decode(raw).checkpoint)
+                except ValueError as exc:
+                    raise VerifyUsageError(f"{INDEX_FILE}:{number}: {exc}") from None
+        return notes
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(text)
+    try:
+        with engine.connect() as conn:
+            inspector = sqlalchemy.inspect(conn)
+            if "wp_checkpoints" not in inspector.get_table_names():
+                return []
+            return _sql_checkpoints(conn, inspector)
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        raise VerifyUsageError(f"cannot read the checkpoints of {text}: {exc}") from None
+    finally:
+        engine.dispose()
 
 
 class ExportError(ValueError):
