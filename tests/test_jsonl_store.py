@@ -10,6 +10,7 @@ memory store is the reference for filters and ordering.
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import multiprocessing
 import os
@@ -32,6 +33,7 @@ from wakepoint.kernel.workflow import RunView, Workflow
 from wakepoint.ledger.keys import Signer
 from wakepoint.ledger.records import Record, sign_entries, verify_chain
 from wakepoint.stores import MemoryStore, Store, StoreError, open_store
+from wakepoint.stores import jsonl as jsonl_module
 from wakepoint.stores.jsonl import JsonlStore, file_name, run_id_of
 
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
@@ -745,12 +747,62 @@ def test_none_never_fsyncs_unless_flushed(
 def test_flush_covers_files_whose_fd_was_evicted(
     open_jsonl: Callable[..., JsonlStore], signer: Signer, fsyncs: list[str]
 ) -> None:
-    """With more dirty runs than cached fds, flush() still fsyncs every written file."""
-    store = open_jsonl(durability="batch", batch_commits=1000, batch_ms=60_000, max_open=2)
+    """With more dirty runs than cached fds, flush() still fsyncs every written file (the
+    per-file path, syncfs=False)."""
+    store = open_jsonl(durability="batch", batch_commits=1000, batch_ms=60_000, max_open=2,
+                       syncfs=False)
     for i in range(5):
         Driver(store, signer, LOOP, f"r{i}").step()
     store.flush()
     assert {str(run_file(store, f"r{i}")) for i in range(5)} <= set(fsyncs)
+
+
+def test_a_batch_of_many_files_is_one_syncfs(
+    open_jsonl: Callable[..., JsonlStore], signer: Signer, fsyncs: list[str]
+) -> None:
+    """A group commit covering at least _SYNCFS_MIN files makes them durable with one real
+    syncfs(2) of the store's file system instead of an fsync each; fewer files, or
+    syncfs=False, fsync each file."""
+    store = open_jsonl(durability="batch", batch_commits=1000, batch_ms=60_000)
+    assert store._syncfs is not None  # Linux: the tests run where syncfs exists
+    real = store._syncfs
+    synced: list[str] = []
+
+    def recording(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)  # the real system call: an error here fails the test
+
+    store._syncfs = recording
+    for i in range(jsonl_module._SYNCFS_MIN):
+        Driver(store, signer, LOOP, f"r{i}").step()
+    store.flush()
+    assert synced == [str(store.path / "runs")]
+    assert [p for p in fsyncs if p.startswith(str(store.path / "runs"))] == []
+    Driver(store, signer, LOOP, "few").step()
+    store.flush()  # one dirty file: below the threshold, so an fsync of that file
+    assert synced == [str(store.path / "runs")]
+    assert str(run_file(store, "few")) in fsyncs
+
+
+def test_a_failed_syncfs_is_raised_and_later_flushes_recover(
+    open_jsonl: Callable[..., JsonlStore], signer: Signer
+) -> None:
+    """syncfs failing (EIO) surfaces as OSError from flush(); the store stays usable."""
+    store = open_jsonl(durability="batch", batch_commits=1000, batch_ms=60_000)
+    real = store._syncfs
+
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, "syncfs: Input/output error")
+
+    store._syncfs = failing
+    for i in range(jsonl_module._SYNCFS_MIN):
+        Driver(store, signer, LOOP, f"r{i}").step()
+    with pytest.raises(OSError, match="Input/output"):
+        store.flush()
+    store._syncfs = real
+    Driver(store, signer, LOOP, "after").step()
+    store.flush()
+    assert store.load("after").seq >= 0
 
 
 def test_invalid_options_are_store_errors(tmp_path: Path) -> None:
