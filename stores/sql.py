@@ -82,6 +82,9 @@ _ZERO: ColumnClause[int] = literal_column("0")  # OFFSET 0: SQLite's compiler wo
 _WRITTEN_MAX = 10_000
 """Runs whose last written indexed columns the store remembers (see "Speed" above)."""
 
+_CACHED_MAX = 10_000
+"""Run states one thread keeps for ``load`` (see ``SqlStore._states``)."""
+
 _fork_generation = 0
 _inherited: list[Any] = []
 """Connections a forked child inherited: kept referenced, never used or closed by it."""
@@ -148,7 +151,9 @@ class _Statements:
         }
         # NULL into SQLite's INTEGER PRIMARY KEY is "the next rowid".
         record["position"] = null() if self.rowid_positions else b("b_position")
-        self.append = self._sql(WP_RECORDS.insert().values(**record))
+        # ``inline``: no ``RETURNING position`` (SQLAlchemy adds one for a NULL primary key),
+        # which costs SQLite a third more per insert and which nobody reads.
+        self.append = self._sql(WP_RECORDS.insert().inline().values(**record))
         self.ledger = self._sql(
             select(rec.seq, rec.key_id, rec.body, rec.sig, rec.record_hash)
             .where(rec.run_id == b("b_run_id"))
@@ -281,6 +286,7 @@ class SqlStore:
         self._written: dict[str, tuple[int, _Indexed]] = {}
         self._checkpointer: SqliteCheckpointer | None = None
         self._dbapi: Any = self._engine.dialect.loaded_dbapi
+        self._cache_states = self._backend == "sqlite"
         try:
             self.log_id = self._open(upgrade)
             self._sql = _Statements(self._engine)
@@ -345,6 +351,7 @@ class SqlStore:
         if conn is None:
             return
         self._local.conn = self._local.cursor = None
+        self._local.states = None  # its version numbers belonged to that connection
         with suppress(Exception):  # it is broken already; we only free it
             conn.close()
 
@@ -457,6 +464,7 @@ class SqlStore:
         self._end(cursor)
         self._committed()
         self._wrote(state.run_id, state.seq, indexed)
+        self._cached(state)
 
     def commit(
         self, run_id: str, expected_seq: int, state: RunState, records: Sequence[Record]
@@ -484,6 +492,7 @@ class SqlStore:
         self._end(cursor)
         self._committed()
         self._wrote(run_id, state.seq, indexed)
+        self._cached(state)
 
     def _committed(self) -> None:
         """Tell SQLite's checkpointer (started on the first commit) that the WAL grew."""
@@ -510,10 +519,58 @@ class SqlStore:
 
     def load(self, run_id: str) -> RunState:
         """The run's last committed state."""
+        states = self._states()
+        if states is not None:
+            state = states.get(run_id)
+            if state is not None:
+                return state
         rows = self._query(self._sql.load, {"b_run_id": run_id})
         if not rows:
             raise RunNotFound(run_id)
-        return decode_state(rows[0][0])
+        state = decode_state(rows[0][0])
+        if states is not None:
+            self._remember(states, state)
+        return state
+
+    def _states(self) -> dict[str, RunState] | None:
+        """This thread's cache of run states, provably current; None on PostgreSQL.
+
+        SQLite's ``PRAGMA data_version`` changes, as seen from one connection, exactly when
+        *another* connection (another thread, another process) committed since it was last
+        read.  Invariant: every entry equals the stored state as of the last time the version
+        read here was unchanged - entries are added only from this connection's own commits
+        and reads - so when the version is still the same, no one else has written since and
+        every entry is current; when it moved, the cache is dropped whole (we cannot tell
+        which runs changed).  A read that races a commit between the pragma and the SELECT
+        caches the newer state, and the next call sees the version move and drops it.
+        """
+        if not self._cache_states:
+            return None
+        local = self._local
+        cursor = self._cursor()
+        try:
+            cursor.execute("PRAGMA data_version")
+            version = cursor.fetchone()[0]
+        except (self._dbapi.OperationalError, self._dbapi.InterfaceError):
+            self._discard()
+            raise
+        states: dict[str, RunState] | None = getattr(local, "states", None)
+        if states is None or local.version != version:
+            states = local.states = {}
+            local.version = version
+        return states
+
+    @staticmethod
+    def _remember(states: dict[str, RunState], state: RunState) -> None:
+        if len(states) >= _CACHED_MAX:
+            states.clear()  # a cache: losing it costs one read per run
+        states[state.run_id] = state
+
+    def _cached(self, state: RunState) -> None:
+        """After this thread's commit of ``state``: keep it for ``load`` (SQLite)."""
+        states: dict[str, RunState] | None = getattr(self._local, "states", None)
+        if states is not None:
+            self._remember(states, state)
 
     def list(
         self,

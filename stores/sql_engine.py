@@ -147,6 +147,10 @@ def _sqlite_hook(durability: Durability) -> Callable[[Any, Any], None]:
 
 CHECKPOINT_SECONDS = 0.5
 CHECKPOINT_COMMITS = 500
+WAL_RESTART_FRAMES = 4096
+"""A WAL longer than this many frames (16 MiB at 4 KiB pages) gets a RESTART checkpoint."""
+RESTART_WAIT_MS = 200
+"""How long a RESTART checkpoint waits for the write lock and for readers (then retried)."""
 
 
 class SqliteCheckpointer:
@@ -156,6 +160,15 @@ class SqliteCheckpointer:
     after ``CHECKPOINT_COMMITS`` commits) and, if there were commits, runs a PASSIVE checkpoint
     on a connection of its own: it copies what it can without waiting for readers or
     writers, and fsyncs the WAL and the database file (synchronous=NORMAL's checkpoint).
+
+    PASSIVE alone lets the WAL grow without bound under a steady stream of commits: SQLite
+    starts writing the WAL from its beginning again only when a writer finds every frame
+    copied back, and a busy writer always appends a frame while the copy runs (measured: 325
+    MB of WAL after 20,000 commits, and commits slowing as the file grows).  So when the WAL
+    passes ``WAL_RESTART_FRAMES``, the round is a RESTART checkpoint instead: it holds off
+    new writers while it copies the few frames PASSIVE left (a short pause, bounded by
+    ``RESTART_WAIT_MS`` of waiting) and makes the next writer start the WAL from the top;
+    the file keeps its size and is overwritten in place.
     """
 
     def __init__(self, engine: Engine) -> None:
@@ -177,13 +190,20 @@ class SqliteCheckpointer:
         proxy = self._engine.raw_connection()
         try:
             conn: Any = proxy.driver_connection
+            conn.execute(f"PRAGMA busy_timeout = {RESTART_WAIT_MS}")
+            mode = "PASSIVE"
             while not self._stopping:
                 self._wake.wait(CHECKPOINT_SECONDS)
                 self._wake.clear()
                 if self._pending:
                     self._pending = 0
                     with suppress(Exception):  # busy or closing: the next round retries
-                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                        # (busy, frames in the WAL, frames copied back)
+                        _busy, frames, _copied = conn.execute(
+                            f"PRAGMA wal_checkpoint({mode})").fetchone()
+                        mode = "RESTART" if frames > WAL_RESTART_FRAMES else "PASSIVE"
+                        if mode == "RESTART":
+                            self._wake.set()  # at once, not a round later
         finally:
             with suppress(Exception):
                 proxy.close()
