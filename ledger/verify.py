@@ -1133,6 +1133,11 @@ class _Stream:
         self.checkers: dict[str, _RunChecker] = {}
         self.g = _Global(trust, self.ctx.log_id, {}, self.full)
         self.keys: Counter[str] = Counter()
+        self.next_row = 1
+        self.hole: Problem | None = None
+        """The first gap in SQL positions (dense from 1): a deleted row.  Reported after the
+        run checks, which name a deletion inside a run more precisely (``seq_gap``), so it
+        decides only when nothing else shows the deletion (the tail of an unfinished run)."""
 
     def checker(self, run_id: str, where: str) -> _RunChecker:
         chk = self.checkers.get(run_id)
@@ -1154,11 +1159,21 @@ class _Stream:
             return self.g.checkpoint(item.note, where, anchor=False)
         env = item.env
         assert env is not None
+        if item.seq is not None:  # a SQL row
+            if item.number != self.next_row and self.hole is None:
+                self.hole = Problem(code="index_mismatch", where=where, row=item.number,
+                                    position=len(self.g.leaves), expected=str(self.next_row),
+                                    actual=str(item.number),
+                                    detail="positions are dense from 1: rows are missing "
+                                    "before this one")
+            self.next_row = item.number + 1
         try:
             run_id = item.run_id if item.run_id is not None else _route.decode(env.payload).run_id
         except ValueError:
             run_id = ""  # unreadable: a fresh checker reports it (bad signature or malformed)
         chk = self.checker(run_id, where)
+        if chk.run_id is None and item.run_id is not None:
+            chk.run_id = item.run_id  # the row's run: a body of another run is run_mismatch
         p = chk.feed(env, item.number, 0)
         if p is None and item.run_id is not None and chk.run_id != item.run_id:
             p = chk.problem("run_mismatch", item.number, None, "the row's run_id differs from "
@@ -1192,6 +1207,8 @@ class _Stream:
                 problem = chk.finish(chk.lines[-1] if chk.lines else 0)
                 if problem is not None:
                     break
+        if problem is None:
+            problem = self.hole
         if problem is None and anchor is not None:
             problem = self.g.checkpoint(anchor, "anchor", anchor=True)
         for chk in self.checkers.values():
@@ -1523,6 +1540,10 @@ def export(source: str | os.PathLike[str], out: str | os.PathLike[str]) -> int:
                 else _encoder.encode(i.env) for i in items if i.problem is None]
         if any(i.problem is not None for i in items):
             raise ExportError(f"{text}: a row whose signatures cannot be read")
+        rows = [i.number for i in items if i.note is None]
+        if rows != list(range(1, len(rows) + 1)):
+            raise ExportError(f"{text}: record positions are not dense from 1 (rows were "
+                              "deleted)")
     else:
         path = Path(text.removeprefix("jsonl:"))
         if not (path / "runs").is_dir():
