@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import DURABILITIES, Durability, Store, StoreError
+from .base import (
+    DURABILITIES,
+    Durability,
+    Store,
+    StoreError,
+    SupportsCheckpoints,
+    SupportsRenew,
+)
 from .memory import MemoryStore
 
 
@@ -33,4 +40,13 @@ def open_store(url: str, **options: Any) -> Store:
     )
 
 
-__all__ = ["DURABILITIES", "Durability", "MemoryStore", "Store", "StoreError", "open_store"]
+__all__ = [
+    "DURABILITIES",
+    "Durability",
+    "MemoryStore",
+    "Store",
+    "StoreError",
+    "SupportsCheckpoints",
+    "SupportsRenew",
+    "open_store",
+]

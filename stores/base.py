@@ -17,8 +17,20 @@ changes both in one atomic ``commit``.  Contract (the conformance suite in
 * ``claim(now, worker, lease, limit)``: atomically lease up to ``limit`` runs that need a worker
   now - RUNNING runs, and WAITING runs whose deadline has passed - that no other worker holds an
   unexpired lease on; ``release`` gives a lease back.
+* ``renew(run_id, worker, lease, now) -> bool`` (``SupportsRenew`` for now): extend
+  ``worker``'s lease to ``now + lease`` if it still holds it (an expired lease nobody else
+  claimed counts as held); False, and nothing changed, otherwise.  A worker renews the runs it is driving (a long ``call``), so
+  that no other worker claims them while it lives.
 * ``hold(run_id)``: a context manager under which this process drives one run; stores that lock
   per run (JSONL) take the lock once for the whole drive instead of once per commit.
+
+Optional (not part of ``Store``; callers check with ``getattr``), for stores that keep the
+ledger's global order and sign checkpoints of it (``SupportsCheckpoints``):
+
+* ``checkpoint(signer) -> str``: sign a C2SP checkpoint over every record committed so far in
+  the store's global order, store it, and return the note; a size already checkpointed
+  returns the stored note.  Incremental: a store keeps a Merkle frontier.
+* ``checkpoints() -> list[str]``: the stored notes, smallest tree size first.
 
 Durability modes: ``sync`` (every commit is on disk before it returns), ``batch`` (group commit:
 flushed to disk every N commits or T milliseconds; the default), ``none`` (tests).
@@ -34,6 +46,7 @@ from typing import Literal, Protocol, TypeAlias, runtime_checkable
 
 from ..kernel.errors import WakepointError
 from ..kernel.types import RunState, Status
+from ..ledger.keys import Signer
 from ..ledger.records import Record
 
 Durability: TypeAlias = Literal["sync", "batch", "none"]
@@ -106,6 +119,31 @@ class Store(Protocol):
 
     def close(self) -> None:
         """Flush and release resources; the store is unusable afterwards."""
+        ...
+
+
+@runtime_checkable
+class SupportsRenew(Protocol):
+    """``renew`` (see the module docstring).  A protocol of its own until every store has
+    it (memory and JSONL are being given it); then it moves into ``Store``.  The worker
+    calls it through ``getattr``, so a store without it still works (leases then only
+    last ``lease`` from the claim)."""
+
+    def renew(self, run_id: str, worker: str, lease: timedelta, now: datetime) -> bool:
+        """Extend ``worker``'s lease on ``run_id`` to ``now + lease``; False if not held."""
+        ...
+
+
+@runtime_checkable
+class SupportsCheckpoints(Protocol):
+    """The optional checkpoint methods of a store (see the module docstring)."""
+
+    def checkpoint(self, signer: Signer) -> str:
+        """Sign, store and return a checkpoint of every record committed so far."""
+        ...
+
+    def checkpoints(self) -> builtins.list[str]:
+        """The stored checkpoint notes, smallest tree size first."""
         ...
 
 

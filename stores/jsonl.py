@@ -81,6 +81,7 @@ from __future__ import annotations
 
 import builtins
 import ctypes
+import fcntl
 import hashlib
 import os
 import sys
@@ -97,7 +98,6 @@ from types import TracebackType
 from typing import NamedTuple
 from urllib.parse import quote, unquote
 
-import filelock
 import msgspec
 
 from ..kernel.codec import encode_state
@@ -113,8 +113,6 @@ _TAIL_WINDOW = 16 * 1024
 """First read when looking for the last line; grows x4 until the line fits."""
 _BACKLOG = 4
 """Pending commits, in batches, at which a committer waits for the fsync itself."""
-_POLL = 0.002
-"""Seconds between attempts on a contended file lock (filelock polls a non-blocking flock)."""
 
 _APPEND_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC
 
@@ -191,19 +189,18 @@ class _Snap(NamedTuple):
 
 
 class _Run:
-    """Per-run process-local machinery: the in-process lock, the file lock, the append fd."""
+    """Per-run process-local machinery: the in-process lock, the append fd (whose ``flock``
+    is the run's inter-process lock)."""
 
-    __slots__ = ("_flock", "depth", "fd", "fresh", "lease_path", "lock_path", "mutex", "name",
-                 "owner", "path", "run_id", "users")
+    __slots__ = ("created", "depth", "fd", "fresh", "lease_path", "mutex", "name", "owner",
+                 "path", "run_id", "users")
 
     def __init__(self, run_id: str, name: str, root: Path) -> None:
         self.run_id = run_id
         self.name = name
         self.path = str(root / "runs" / (name + _SUFFIX))
-        self.lock_path = str(root / "locks" / (name + ".lock"))
         self.lease_path = str(root / "leases" / (name + ".json"))
         self.mutex = threading.RLock()
-        self._flock: filelock.FileLock | None = None
         self.depth = 0
         """Nesting of lock sections of the thread owning ``mutex``; > 0 while it holds the flock."""
         self.owner: int | None = None
@@ -212,19 +209,10 @@ class _Run:
         """The cached snapshot is this thread's own last append, made under the file lock it
         has held ever since: no other process can have appended, so no ``fstat`` is needed."""
         self.fd: int | None = None
+        self.created = False
+        """This process created the (still empty) file to lock it for a ``create``."""
         self.users = 0
         """Threads between checkout and checkin; an entry in use is never evicted."""
-
-    @property
-    def flock(self) -> filelock.FileLock:
-        # Built lazily: constructing a FileLock costs ~75 us, and readers never need one.
-        # The lock file is kept after release: filelock's default unlinks it, so every later
-        # acquire would create the file again (~90 us more here) and race the unlink.
-        if self._flock is None:
-            self._flock = filelock.FileLock(
-                self.lock_path, poll_interval=_POLL, preserve_lock_file=True
-            )
-        return self._flock
 
 
 def file_name(run_id: str) -> str:
@@ -468,12 +456,36 @@ class JsonlStore:
                 os.close(run.fd)
                 run.fd = None
 
-    def _lock_run(self, run: _Run, *, blocking: bool = True) -> bool:
-        """Take the run's file lock unless this thread holds it; caller holds ``run.mutex``."""
-        if run.depth == 0:
+    def _open_run(self, run: _Run, *, create: bool) -> int:
+        """The run's append fd, opening the file if needed; caller holds ``run.mutex``.
+
+        ``create``: a missing file is created empty (a create that has not written yet, which
+        readers ignore) so that it can be locked; otherwise a missing file is ``RunNotFound``.
+        """
+        if run.fd is None:
             try:
-                run.flock.acquire(blocking=blocking)
-            except filelock.Timeout:
+                run.fd = os.open(run.path, _APPEND_FLAGS)
+            except FileNotFoundError:
+                if not create:
+                    raise RunNotFound(run.run_id) from None
+                try:
+                    run.fd = os.open(run.path, _APPEND_FLAGS | os.O_CREAT | os.O_EXCL, 0o644)
+                    run.created = True
+                except FileExistsError:  # another process created it just now
+                    run.fd = os.open(run.path, _APPEND_FLAGS)
+        return run.fd
+
+    def _lock_run(self, run: _Run, *, blocking: bool = True, create: bool = False) -> bool:
+        """Take the run's file lock unless this thread holds it; caller holds ``run.mutex``.
+
+        The lock is ``flock(2)`` on the run file itself (see the module docstring).  Without
+        ``blocking`` a run locked elsewhere returns False at once.
+        """
+        if run.depth == 0:
+            fd = self._open_run(run, create=create)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
                 return False
             run.owner = threading.get_ident()
         run.depth += 1
@@ -485,14 +497,15 @@ class JsonlStore:
             # Once the file lock is released another process may append: distrust the cache.
             run.owner = None
             run.fresh = False
-            run.flock.release()
+            assert run.fd is not None  # a locked run's fd is pinned open
+            fcntl.flock(run.fd, fcntl.LOCK_UN)
 
     @contextmanager
-    def _locked(self, run_id: str) -> Iterator[_Run]:
+    def _locked(self, run_id: str, *, create: bool = False) -> Iterator[_Run]:
         run = self._checkout(run_id)
         try:
             with run.mutex:
-                self._lock_run(run)
+                self._lock_run(run, create=create)
                 try:
                     yield run
                 finally:
@@ -512,7 +525,9 @@ class JsonlStore:
 
     @contextmanager
     def _locked_none(self, run_id: str) -> Iterator[None]:
-        with self._locked(run_id):
+        # create=True: the runtime holds a new run before creating it, and the lock lives on
+        # the run file, so the (empty) file comes into being here.
+        with self._locked(run_id, create=True):
             yield
 
     def create(self, state: RunState, records: Sequence[Record]) -> None:
@@ -521,23 +536,22 @@ class JsonlStore:
         self._raise_error()
         line = _encode_line(state, records)
         # Under the run's lock, so that a crashed creator's empty file (no complete line) can
-        # be taken over without racing a live creator that has not written its line yet.
-        with self._locked(state.run_id) as run:
-            new_file = False
-            if run.fd is None:
-                try:
-                    run.fd = os.open(run.path, _APPEND_FLAGS | os.O_CREAT | os.O_EXCL, 0o644)
-                    new_file = True
-                except FileExistsError:
-                    run.fd = os.open(run.path, _APPEND_FLAGS)
+        # be taken over without racing a live creator that has not written its line yet: the
+        # file's size is read only once the lock is ours.
+        with self._locked(state.run_id, create=True) as run:
             fd = run.fd
-            if new_file:
+            assert fd is not None  # opened (or created) to be locked
+            size = os.fstat(fd).st_size
+            if size == 0:
                 snap = _Snap(0, 0, None)
             else:
-                snap = self._snap_from(fd, os.fstat(fd).st_size, run.path, run.name, run.run_id)
+                snap = self._snap_from(fd, size, run.path, run.name, run.run_id)
                 if snap.state is not None:
                     raise RunExists(state.run_id)
-            self._append(run, fd, snap, line, state, new_file=new_file)
+            # The directory entry is new (and needs an fsync in sync mode) when this process
+            # created the file for this create; a crashed creator's file is already there.
+            self._append(run, fd, snap, line, state, new_file=run.created)
+            run.created = False
 
     def commit(
         self, run_id: str, expected_seq: int, state: RunState, records: Sequence[Record]
@@ -559,13 +573,7 @@ class JsonlStore:
         run = self._checkout(run_id)
         try:
             with run.mutex:
-                if run.fd is None:
-                    # Opened before locking, so a wrong run id leaves no lock file behind.
-                    try:
-                        run.fd = os.open(run.path, _APPEND_FLAGS)
-                    except FileNotFoundError:
-                        raise RunNotFound(run_id) from None
-                self._lock_run(run)
+                self._lock_run(run)  # RunNotFound when there is no file: nothing is created
                 try:
                     self._commit_locked(run, expected_seq, line, state)
                 finally:
@@ -576,11 +584,7 @@ class JsonlStore:
     def _commit_locked(self, run: _Run, expected_seq: int, line: bytes, state: RunState) -> None:
         """Check the seq and append; the caller holds the run's mutex and file lock."""
         fd = run.fd
-        if fd is None:  # a hold taken on a run this process had not opened yet
-            try:
-                fd = run.fd = os.open(run.path, _APPEND_FLAGS)
-            except FileNotFoundError:
-                raise RunNotFound(run.run_id) from None
+        assert fd is not None  # locking opened it
         snap = self._snaps.get(run.name) if run.fresh else None
         if snap is None:
             # One fstat tells whether another process committed since we last looked (see
@@ -928,7 +932,10 @@ class JsonlStore:
                 if not run.mutex.acquire(blocking=False):
                     continue
                 try:
-                    if not self._lock_run(run, blocking=False):
+                    try:
+                        if not self._lock_run(run, blocking=False):
+                            continue
+                    except RunNotFound:  # removed since the listing
                         continue
                     try:
                         state = self._current(run.name, run.run_id)
@@ -949,10 +956,13 @@ class JsonlStore:
 
     def release(self, run_id: str, worker: str) -> None:
         """Give back ``worker``'s lease on ``run_id`` (no error if it holds none)."""
-        with self._locked(run_id) as run:
-            held = self._read_lease(run)
-            if held is not None and held.worker == worker:
-                os.unlink(run.lease_path)
+        try:
+            with self._locked(run_id) as run:
+                held = self._read_lease(run)
+                if held is not None and held.worker == worker:
+                    os.unlink(run.lease_path)
+        except RunNotFound:
+            return  # no such run: no lease to give back
 
     def _read_lease(self, run: _Run) -> _Lease | None:
         try:

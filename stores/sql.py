@@ -47,9 +47,10 @@ import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, suppress
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import msgspec
 from sqlalchemy import bindparam, func, literal_column, null, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Engine
@@ -59,7 +60,10 @@ from sqlalchemy.sql.elements import ColumnClause
 from ..kernel.codec import decode_state, encode_state
 from ..kernel.errors import ConflictError, CorruptStore, RunExists, RunNotFound
 from ..kernel.types import RunState, Status
-from ..ledger.records import Record
+from ..ledger.checkpoint import Checkpoint, origin_of, sign_checkpoint
+from ..ledger.keys import Signer
+from ..ledger.merkle import Frontier
+from ..ledger.records import Record, Signature
 from .base import Durability, StoreError, check_append, no_hold
 from .sql_engine import (
     SqliteCheckpointer,
@@ -70,7 +74,7 @@ from .sql_engine import (
     show,
     sqlite_path,
 )
-from .sql_schema import WP_META, WP_RECORDS, WP_RUNS, to_us
+from .sql_schema import WP_CHECKPOINTS, WP_META, WP_RECORDS, WP_RUNS, to_us
 
 # Constants are rendered into the SQL (not bound) so that SQLite and PostgreSQL can match the
 # partial index ``status = 'waiting'`` when planning.
@@ -81,6 +85,9 @@ _ZERO: ColumnClause[int] = literal_column("0")  # OFFSET 0: SQLite's compiler wo
 
 _WRITTEN_MAX = 10_000
 """Runs whose last written indexed columns the store remembers (see "Speed" above)."""
+
+_cosigs_encoder = msgspec.json.Encoder()
+_cosigs_decoder = msgspec.json.Decoder(builtins.list[Signature])
 
 _CACHED_MAX = 10_000
 """Run states one thread keeps for ``load`` (see ``SqlStore._states``)."""
@@ -148,6 +155,7 @@ class _Statements:
         record: dict[str, ColumnElement[Any]] = {
             "run_id": b("b_run_id"), "seq": b("b_seq"), "key_id": b("b_key_id"),
             "body": b("b_body"), "sig": b("b_sig"), "record_hash": b("b_hash"),
+            "cosigs": b("b_cosigs"),
         }
         # NULL into SQLite's INTEGER PRIMARY KEY is "the next rowid".
         record["position"] = null() if self.rowid_positions else b("b_position")
@@ -155,7 +163,7 @@ class _Statements:
         # which costs SQLite a third more per insert and which nobody reads.
         self.append = self._sql(WP_RECORDS.insert().inline().values(**record))
         self.ledger = self._sql(
-            select(rec.seq, rec.key_id, rec.body, rec.sig, rec.record_hash)
+            select(rec.seq, rec.key_id, rec.body, rec.sig, rec.record_hash, rec.cosigs)
             .where(rec.run_id == b("b_run_id"))
             .order_by(rec.seq)
         )
@@ -164,6 +172,28 @@ class _Statements:
             select(r.state)
             .where(r.status == _WAITING, r.wait_key == b("b_key"))
             .order_by(r.run_id)
+        )
+        self.renew = self._sql(
+            update(WP_RUNS)
+            .where(r.run_id == b("b_run_id"), r.lease_owner == b("b_worker"))
+            .values(lease_expires=b("b_expires"))
+        )
+        self.hashes_after = self._sql(
+            select(rec.position, rec.record_hash)
+            .where(rec.position > b("b_size"))
+            .order_by(rec.position)
+        )
+        self.store_checkpoint = self._sql(
+            insert(WP_CHECKPOINTS)
+            .values(size=b("b_size"), checkpoint=b("b_checkpoint"),
+                    created_at=b("b_created_at"))
+            .on_conflict_do_nothing(index_elements=[WP_CHECKPOINTS.c.size])
+        )
+        self.checkpoint_at = self._sql(
+            select(WP_CHECKPOINTS.c.checkpoint).where(WP_CHECKPOINTS.c.size == b("b_size"))
+        )
+        self.checkpoints = self._sql(
+            select(WP_CHECKPOINTS.c.checkpoint).order_by(WP_CHECKPOINTS.c.size)
         )
         self.release = self._sql(
             update(WP_RUNS)
@@ -287,6 +317,8 @@ class SqlStore:
         self._checkpointer: SqliteCheckpointer | None = None
         self._dbapi: Any = self._engine.dialect.loaded_dbapi
         self._cache_states = self._backend == "sqlite"
+        self._frontier = Frontier()
+        self._frontier_lock = threading.Lock()
         try:
             self.log_id = self._open(upgrade)
             self._sql = _Statements(self._engine)
@@ -429,7 +461,8 @@ class SqlStore:
             return
         rows = [
             {"b_run_id": rec.run_id, "b_seq": rec.seq, "b_key_id": rec.key_id,
-             "b_body": rec.body, "b_sig": rec.sig, "b_hash": rec.hash}
+             "b_body": rec.body, "b_sig": rec.sig, "b_hash": rec.hash,
+             "b_cosigs": _cosigs_encoder.encode(rec.cosigs) if rec.cosigs else None}
             for rec in records
         ]
         if not self._sql.rowid_positions:
@@ -612,8 +645,9 @@ class SqlStore:
             raise RunNotFound(run_id)
         return [
             Record(run_id=run_id, seq=int(seq), key_id=key_id, body=bytes(body),
-                   sig=bytes(sig), hash=record_hash)
-            for seq, key_id, body, sig, record_hash in rows
+                   sig=bytes(sig), hash=record_hash,
+                   cosigs=tuple(_cosigs_decoder.decode(bytes(cosigs))) if cosigs else ())
+            for seq, key_id, body, sig, record_hash, cosigs in rows
         ]
 
     def last_position(self) -> int:
@@ -641,6 +675,57 @@ class SqlStore:
         """Give back ``worker``'s lease on ``run_id`` (nothing if it holds none)."""
         with self._transaction() as cursor:
             cursor.execute(self._sql.release, {"b_run_id": run_id, "b_worker": worker})
+
+    def renew(self, run_id: str, worker: str, lease: timedelta, now: datetime) -> bool:
+        """Extend ``worker``'s lease on ``run_id`` to ``now + lease``; False (and nothing
+        changed) when ``worker`` does not hold it - never had it, released it, or another
+        worker claimed it after it expired.  An expired lease nobody took over is renewed:
+        no one else can have driven the run meanwhile."""
+        params = {"b_run_id": run_id, "b_worker": worker, "b_expires": to_us(now + lease)}
+        with self._transaction() as cursor:
+            cursor.execute(self._sql.renew, params)
+            return bool(cursor.rowcount == 1)
+
+    # --- checkpoints ---------------------------------------------------------------------------
+
+    def checkpoint(self, signer: Signer) -> str:
+        """Sign a checkpoint of every record committed so far, store it, and return the note.
+
+        The checkpoint covers the records at global positions 1..n, where n is the last
+        position a fresh read sees; positions are dense and in commit order on both
+        dialects (see the module header), so that read is a prefix of the one global
+        sequence.  The Merkle frontier is kept in the store, so each call hashes only the
+        records since the previous one.  A checkpoint of a size already stored (no record
+        since) is not signed again: the stored note is returned.  The note is committed
+        in the same database after the records it covers, so no crash can keep it and
+        lose them (``batch`` durability included); it is durable when ``flush`` returns.
+        """
+        with self._frontier_lock:
+            frontier = self._frontier
+            rows = self._query(self._sql.hashes_after, {"b_size": frontier.size})
+            for position, record_hash in rows:
+                if position != frontier.size + 1:
+                    raise CorruptStore(f"{self._shown} {WP_RECORDS.name}", int(position),
+                                       f"global positions jump from {frontier.size} to "
+                                       f"{position}: the ledger is damaged")
+                frontier.append(bytes.fromhex(record_hash))
+            size = frontier.size
+            existing = self._query(self._sql.checkpoint_at, {"b_size": size})
+            if existing:
+                return str(existing[0][0])
+            note = sign_checkpoint(Checkpoint(origin_of(self.log_id), size, frontier.root()),
+                                   signer)
+            with self._transaction() as cursor:
+                cursor.execute(self._sql.store_checkpoint, {
+                    "b_size": size, "b_checkpoint": note,
+                    "b_created_at": to_us(datetime.now(UTC)),
+                })
+            # another process may have stored one of this size first: that one is the note
+            return str(self._query(self._sql.checkpoint_at, {"b_size": size})[0][0])
+
+    def checkpoints(self) -> builtins.list[str]:
+        """Every stored checkpoint note, smallest tree size first."""
+        return [str(row[0]) for row in self._query(self._sql.checkpoints, {})]
 
     def hold(self, run_id: str) -> AbstractContextManager[None]:
         """Nothing to prepare: the seq check in ``commit`` is the only lock a run needs."""

@@ -16,6 +16,14 @@ Choices, and why:
 * Run ids, wait keys and workflow ids compare by code point: the ``C`` collation on
   PostgreSQL (SQLite's default BINARY collation on UTF-8 already does), so that ``list``
   returns runs in the same order on every store (Python's string order).
+* ``wp_records.cosigs`` holds the signatures after the first (a ``key.rotated`` record is
+  signed by the old and the new key), as the msgspec JSON of a list of DSSE signatures;
+  NULL for every ordinary record, so the common row stays as it was.
+* ``wp_checkpoints`` keeps each signed checkpoint under its tree size (the primary key: a
+  second checkpoint of the same size adds nothing), as the exact note text.
+* On PostgreSQL, migration 0002 also installs a trigger that ``NOTIFY``s ``wp_due`` when a
+  row gets a new deadline, so that workers in other processes re-arm at once (triggers are
+  not part of this metadata; ``create_all`` does not make it - use the migrations).
 * ``wp_records.position`` is the store-wide global position, dense from 1 and assigned in
   commit order (see ``stores.sql`` for how).  On SQLite it is the rowid (``INTEGER PRIMARY
   KEY``), which needs no separate index.
@@ -37,6 +45,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
     UniqueConstraint,
     text,
 )
@@ -44,12 +53,12 @@ from sqlalchemy import (
 VERSION_TABLE = "wp_alembic_version"
 """Alembic's version table for wakepoint's migrations (not ``alembic_version``)."""
 
-REVISIONS: tuple[str, ...] = ("0001",)
+REVISIONS: tuple[str, ...] = ("0001", "0002")
 """The migrations' revisions, oldest first; the last is the head this code needs.  Kept here
 so that opening a store does not load Alembic; a test checks it against the migrations."""
 
-SCHEMA_VERSION = 1
-"""The store format written into ``wp_meta.schema_version`` by the first migration."""
+SCHEMA_VERSION = 2
+"""The store format in ``wp_meta.schema_version`` (1 from the first migration, 2 from 0002)."""
 
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -135,9 +144,25 @@ WP_RECORDS = Table(
     Column("body", LargeBinary, nullable=False),
     Column("sig", LargeBinary, nullable=False),
     Column("record_hash", String(64), nullable=False),
+    Column("cosigs", LargeBinary,
+           comment="further DSSE signatures (JSON list of {keyid, sig}); NULL: none"),
     UniqueConstraint("run_id", "seq"),  # one chain per run; also the ledger(run_id) index
     comment="Signed ledger records in global commit order; body is the exact signed bytes.",
 )
+
+WP_CHECKPOINTS = Table(
+    "wp_checkpoints",
+    METADATA,
+    Column("size", BigInteger, primary_key=True, autoincrement=False,
+           comment="tree size: the checkpoint covers the records at positions 1..size"),
+    Column("checkpoint", Text, nullable=False, comment="the C2SP signed checkpoint note"),
+    Column("created_at", BigInteger, nullable=False),
+    comment="Signed checkpoints of the global record order, one per tree size.",
+)
+
+NOTIFY_CHANNEL = "wp_due"
+"""PostgreSQL ``NOTIFY`` channel on which a commit that sets a wait deadline announces it
+(payload: the deadline in microseconds since the epoch); created by migration 0002."""
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
