@@ -1151,8 +1151,11 @@ class _Stream:
     def feed(self, item: _Item) -> Problem | None:
         where = self.label(item.number)
         if item.problem is not None:
-            return Problem(code="malformed", where=where, detail=item.problem,
-                           **self._at(item.number))
+            if where.startswith("row "):
+                return Problem(code="malformed", where=where, row=item.number,
+                               detail=item.problem)
+            return Problem(code="malformed", where=where, path=where.rpartition(":")[0],
+                           line=item.number, detail=item.problem)
         if item.note is not None:
             if not self.ordered:
                 return None
@@ -1193,12 +1196,6 @@ class _Stream:
             return p
         self.g.leaves.append(bytes(chk.leaves[-32:]))
         return None
-
-    def _at(self, number: int) -> dict[str, int | str]:
-        where = self.label(number)
-        if where.startswith("row "):
-            return {"row": number}
-        return {"path": where.rpartition(":")[0], "line": number}
 
     def finish(self, report: Report, anchor: str | None, problem: Problem | None,
                torn: Problem | None) -> None:
