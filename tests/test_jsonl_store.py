@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import errno
+import fcntl
 import json
 import multiprocessing
 import os
@@ -22,7 +23,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import filelock
 import msgspec
 import pytest
 from wakepoint.kernel import transitions
@@ -562,24 +562,25 @@ def test_claim_skips_a_run_locked_by_another_writer(
 def test_hold_takes_the_file_lock_once(
     open_jsonl: Callable[..., JsonlStore], signer: Signer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Inside hold(run_id) (re-entrant) a series of commits takes the run's file lock once;
-    outside it, each commit takes it itself."""
+    """Inside hold(run_id) (re-entrant) a series of commits takes the run's file lock - an
+    exclusive flock on the run file - once; outside it, each commit takes it itself."""
     store = open_jsonl()
     run = Driver(store, signer, LOOP, "r1")
     acquired: list[str] = []
-    real = filelock.FileLock.acquire
+    real = fcntl.flock
 
-    def counting(self: filelock.FileLock, *args: Any, **kwargs: Any) -> Any:
-        acquired.append(self.lock_file)
-        return real(self, *args, **kwargs)
+    def counting(fd: int, operation: int) -> None:
+        if operation & fcntl.LOCK_EX:
+            acquired.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd, operation)
 
-    monkeypatch.setattr(filelock.FileLock, "acquire", counting)
+    monkeypatch.setattr(fcntl, "flock", counting)
     with store.hold("r1"), store.hold("r1"):
         run.step(10)
     assert len(acquired) == 1
     run.step(3)
     assert len(acquired) == 4
-    assert all(path.endswith("r1.lock") for path in acquired)
+    assert set(acquired) == {str(run_file(store, "r1"))}
 
 
 def test_hold_excludes_another_writer_until_it_ends(
