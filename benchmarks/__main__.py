@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         "finished": datetime.now(UTC).strftime("%Y-%m-%d %H:%M"),
         "seconds": round(time.monotonic() - t0, 1), "rounds": args.rounds,
         "sizes": asdict(args.sizes), "versions": versions, "machine": report.machine(),
-        "load_before": load_before,
+        "load_before": load_before, "commit": report.commit(),
     }
     meta["load_after"] = meta["machine"]["uptime"]
     out: Path = args.out

@@ -40,7 +40,8 @@ NOTES = {
             "reads it (`get_event`) and answers (`send`); "
             "`notification_listener_polling_interval_sec=0.01` (its documented knob; the "
             "1.0 s default makes each cycle ~2 s on SQLite) - tuned in its favour; crash and "
-            "sleep: `DBOS.launch()` recovers, `DBOS.sleep` is durable.",
+            "sleep: `DBOS.launch()` recovers (it re-enqueues pending workflows on its internal "
+            "queue, which its queue thread then dequeues), `DBOS.sleep` is durable.",
     "langgraph": "StateGraph, `InMemorySaver` / `SqliteSaver`, default durability; pause: "
                  "`interrupt` + `Command(resume=...)`; crash: `invoke(None, config)` on the "
                  "same thread; no durable timer (not faked).",
@@ -154,6 +155,19 @@ def readme_table(summary: Summary) -> list[str]:
     return rows
 
 
+def commit() -> str:
+    """The repository's commit, and whether wakepoint's own files differ from it."""
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True, check=False).stdout.strip()
+    status = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", ".",
+                             ":!benchmarks", ":!tests", ":!README.md"],
+                            capture_output=True, text=True, check=False).stdout
+    changed = [line[3:] for line in status.splitlines() if line.strip()]
+    if not head:
+        return "unknown (not a git checkout)"
+    return head + (f" plus uncommitted changes to {', '.join(changed)}" if changed else "")
+
+
 def machine() -> dict[str, str]:
     """What the report records about the machine."""
     model = "unknown"
@@ -185,6 +199,7 @@ def write_results(path: Path, summary: Summary, meta: dict[str, Any]) -> None:
         "",
         f"- CPUs (`nproc`): {m['nproc']}; CPU: {m['cpu']}; kernel {m['kernel']} "
         f"({m['os']}); harness Python {m['python']}",
+        f"- wakepoint measured at commit {meta.get('commit', '?')}",
         f"- load before: `{meta['load_before']}`",
         f"- load after: `{meta['load_after']}`",
         "- the machine is shared with other agents' work (tests, builds), so wall-clock "
