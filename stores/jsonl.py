@@ -203,7 +203,7 @@ class _Run:
     """Per-run process-local machinery: the in-process lock, the append fd (whose ``flock``
     is the run's inter-process lock)."""
 
-    __slots__ = ("created", "depth", "fd", "fresh", "lease_path", "mutex", "name", "owner",
+    __slots__ = ("depth", "fd", "fresh", "lease_path", "mutex", "name", "owner",
                  "path", "run_id", "users")
 
     def __init__(self, run_id: str, name: str, root: Path) -> None:
@@ -220,8 +220,6 @@ class _Run:
         """The cached snapshot is this thread's own last append, made under the file lock it
         has held ever since: no other process can have appended, so no ``fstat`` is needed."""
         self.fd: int | None = None
-        self.created = False
-        """This process created the (still empty) file to lock it for a ``create``."""
         self.users = 0
         """Threads between checkout and checkin; an entry in use is never evicted."""
 
@@ -474,16 +472,15 @@ class JsonlStore:
         readers ignore) so that it can be locked; otherwise a missing file is ``RunNotFound``.
         """
         if run.fd is None:
-            try:
-                run.fd = os.open(run.path, _APPEND_FLAGS)
-            except FileNotFoundError:
-                if not create:
-                    raise RunNotFound(run.run_id) from None
+            if create:
+                # One system call whether the file exists or not; ``create`` tells a new file
+                # by its size under the lock.
+                run.fd = os.open(run.path, _APPEND_FLAGS | os.O_CREAT, 0o644)
+            else:
                 try:
-                    run.fd = os.open(run.path, _APPEND_FLAGS | os.O_CREAT | os.O_EXCL, 0o644)
-                    run.created = True
-                except FileExistsError:  # another process created it just now
                     run.fd = os.open(run.path, _APPEND_FLAGS)
+                except FileNotFoundError:
+                    raise RunNotFound(run.run_id) from None
         return run.fd
 
     def _lock_run(self, run: _Run, *, blocking: bool = True, create: bool = False) -> bool:
@@ -559,10 +556,10 @@ class JsonlStore:
                 snap = self._snap_from(fd, size, run.path, run.name, run.run_id)
                 if snap.state is not None:
                     raise RunExists(state.run_id)
-            # The directory entry is new (and needs an fsync in sync mode) when this process
-            # created the file for this create; a crashed creator's file is already there.
-            self._append(run, fd, snap, line, state, new_file=run.created)
-            run.created = False
+            # An empty file is (almost always) one this create's hold just made: its directory
+            # entry needs an fsync in sync mode.  For a crashed creator's empty file that
+            # fsync is merely redundant.
+            self._append(run, fd, snap, line, state, new_file=size == 0)
 
     def commit(
         self, run_id: str, expected_seq: int, state: RunState, records: Sequence[Record]
