@@ -7,10 +7,19 @@ pool thread, which calls ``Runtime.recover_run`` - a RUNNING run is driven on, a
 event deadline or question timeout fires - and releases the lease when the run blocks or
 finishes.  Then the loop arms the alarm (``scheduler.alarm``) for the earliest of: the next
 deadline the store holds within ``poll`` seconds, the next cron tick, and ``now + poll``; and
-sleeps until it rings, a pool thread frees up, or a commit in this process creates an earlier
-deadline (the runtime's ``on_due`` callback).  Waiting runs therefore cost nothing: no thread,
-no timer object and no memory per run; the poll (2 s by default) is what catches timers
-created by *other* processes less than ``poll`` ahead, and runs orphaned by a dead worker.
+sleeps until it rings, a pool thread frees up, or a commit creates an earlier deadline: in
+this process (the runtime's ``on_due`` callback), or - on PostgreSQL - in any process (the
+store's ``watch_due``: a LISTEN on a connection of its own, fed by migration 0002's NOTIFY
+trigger, so a timer another process creates fires here on time, not at the next poll).
+Waiting runs therefore cost nothing: no thread, no timer object and no memory per run; the
+poll (2 s by default) is what catches timers created by other processes on SQLite and JSONL,
+and runs orphaned by a dead worker.
+
+Leases are renewed: every ``lease / RENEW_FRACTION`` the loop renews (``store.renew``) the
+lease of every claimed run a pool thread is still driving, so a node that runs longer than
+``lease`` keeps its run; a refused renewal (another worker claimed the run after the lease
+ran out, e.g. while this process was suspended) is logged as ``lease.lost``.  A store without
+``renew`` still works: its leases then last ``lease`` from the claim.
 
 Start-up is recovery: the first claim rounds take every RUNNING run and every overdue wait
 (nothing else holds a lease on them after a restart), cron schedules catch up (see
@@ -21,19 +30,20 @@ What is exactly-once, and what is not (several workers, or workers next to clien
 * **Commits.**  Every transition is committed at most once: the store's seq check lets one
   writer win, the loser stops driving (``run.conflict``).  Leases do not guard this, so a lease
   that expires while its holder still drives the run (a node function stuck for longer than
-  ``lease``; the worker logs ``lease.lost``) costs duplicate node executions, never a
-  duplicate commit.
-* **``call`` effects.**  A call is dispatched by the process whose commit recorded the request
-  - one process, by the rule above - and by no one else while that process lives: a run
-  WAITING on an effect is never handed out by ``claim``, whatever its lease says, so a slow
-  call needs no lease renewal.  If that process dies before the outcome is committed, the
-  request is *orphaned*; the orphan sweep (every ``orphan_after / 2`` seconds, jittered, and at
-  start-up) dispatches again every effect whose request is older than ``orphan_after``, with
-  the same idempotency key (``run_id:step``).  So a function may run twice only (a) after its
-  dispatcher died, or (b) when it runs longer than ``orphan_after`` (set it above your longest
-  call: attempts x timeout + backoff), or (c) when two workers sweep the same orphan at the
-  same moment.  In every case the outcome is committed once (the second commit conflicts),
-  and a function that keys its side effect on ``idempotency_key`` takes effect once.
+  ``lease`` while its renewal could not reach the store, or a suspended process; the worker
+  logs ``lease.lost``) costs duplicate node executions, never a duplicate commit.
+* **``call`` effects.**  A call is dispatched by the process whose commit recorded the
+  request - one process, by the rule above - and by no one else while that process lives: a
+  run WAITING on an effect is never handed out by ``claim``, whatever its lease says (the
+  renewal above is for RUNNING runs: long nodes).  If that process dies before the outcome
+  is committed, the request is *orphaned*; the orphan sweep (every ``orphan_after / 2``
+  seconds, jittered, and at start-up) dispatches again every effect whose request is older
+  than ``orphan_after``, with the same idempotency key (``run_id:step``).  So a function may
+  run twice only (a) after its dispatcher died, or (b) when it runs longer than
+  ``orphan_after`` (set it above your longest call: attempts x timeout + backoff), or (c)
+  when two workers sweep the same orphan at the same moment.  In every case the outcome is
+  committed once (the second commit conflicts), and a function that keys its side effect on
+  ``idempotency_key`` takes effect once.
 * **Why staleness and not the lease** decides that an effect is orphaned: the store protocol
   only exposes leases through ``claim`` of runs that need a worker, and a WAITING-on-effect
   run does not.  A store-side ``claim`` of "WAITING on an effect, lease expired" runs, with
@@ -59,7 +69,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta, tzinfo
+from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any
 
 import structlog
@@ -70,6 +80,9 @@ from ..kernel.workflow import Workflow
 from ..runtime import Runtime
 from .alarm import Alarm
 from .cron import Missed, Schedule
+
+RENEW_FRACTION = 3
+"""Leases of runs being driven are renewed every ``lease / RENEW_FRACTION``."""
 
 _HORIZON_LIMIT = 1000
 """At most this many upcoming deadlines are read per arming (the poll catches any beyond)."""
@@ -117,12 +130,17 @@ class Worker:
         self._stopped = threading.Event()
         self._running = False
         self._lock = threading.Lock()
-        self._inflight: dict[str, datetime] = {}  # run id -> when its lease expires
+        # run id -> (when its lease expires, whether it is an orphan re-dispatch: no lease)
+        self._inflight: dict[str, tuple[datetime, bool]] = {}
+        self._lost: set[str] = set()  # claimed runs whose renewal was refused
         self._reported: datetime | None = None  # earliest deadline on_due told since arming
         self._alarm = Alarm(self._wake.set)
         self._schedules: list[Schedule] = []
         self._next_tick: list[datetime] = []
         self._next_sweep: datetime | None = None
+        self._renew_fn: Callable[[str, str, timedelta, datetime], bool] | None = getattr(
+            runtime.store, "renew", None)
+        self._next_renewal = datetime.max.replace(tzinfo=UTC)
         self._pool: ThreadPoolExecutor | None = None
 
     def __repr__(self) -> str:
@@ -166,7 +184,13 @@ class Worker:
         previous_on_due = rt.on_due
         rt.on_due = self._chain(previous_on_due)
         self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="wakepoint-work")
+        watch = getattr(rt.store, "watch_due", None)
+        unwatch: Callable[[], None] | None = None
         try:
+            if watch is not None:
+                # Deadlines other processes commit wake us at once (PostgreSQL LISTEN/NOTIFY)
+                # instead of at the next poll.
+                unwatch = watch(self._due)
             with self._signals(install_signals):
                 self._alarm.start()
                 self._log.info("worker.started", concurrency=self.concurrency,
@@ -174,6 +198,8 @@ class Worker:
                                poll=self.poll.total_seconds())
                 self._loop()
         finally:
+            if unwatch is not None:
+                unwatch()
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._alarm.stop()
             rt.on_due = previous_on_due
@@ -212,6 +238,8 @@ class Worker:
             self._fire_cron(now)
             if self._next_sweep is not None and now >= self._next_sweep:
                 self._sweep(now)
+            if now >= self._next_renewal:
+                self._renew(now)
             if more:
                 continue  # free threads and claimable runs left: claim again at once
             self._arm(now)
@@ -233,13 +261,49 @@ class Worker:
             with self._lock:
                 if state.run_id in self._inflight:
                     continue  # our own run, still being driven: the claim renewed its lease
-                self._inflight[state.run_id] = now + self.lease
+                self._inflight[state.run_id] = (now + self.lease, False)
+                if len(self._inflight) == 1:
+                    self._next_renewal = now + self.lease / RENEW_FRACTION
             fresh += 1
             self.stats["claim"] += 1
             self._log.debug("claim", run_id=state.run_id, workflow=state.workflow,
                             node=state.node, step=state.step, status=state.status.value)
             self._submit(self._work, state, redispatch=False)
         return fresh >= free
+
+    @property
+    def _renewing(self) -> bool:
+        """Whether some claimed run is being driven (its lease needs renewing)."""
+        with self._lock:
+            return any(not redispatch for _, redispatch in self._inflight.values())
+
+    def _renew(self, now: datetime) -> None:
+        """Renew the lease of every claimed run a pool thread is driving (a node or ``call``
+        running longer than ``lease`` would otherwise let another worker claim it)."""
+        self._next_renewal = now + self.lease / RENEW_FRACTION
+        if self._renew_fn is None:
+            return
+        with self._lock:
+            held = [run_id for run_id, (_, redispatch) in self._inflight.items()
+                    if not redispatch]
+        for run_id in held:
+            try:
+                renewed = self._renew_fn(run_id, self.worker_id, self.lease, now)
+            except Exception as exc:  # the store is unreachable: the next round retries
+                self._log.warning("lease.renew_failed", run_id=run_id, error=str(exc))
+                continue
+            with self._lock:
+                if run_id not in self._inflight:
+                    continue  # finished meanwhile (and released)
+                if renewed:
+                    self._inflight[run_id] = (now + self.lease, False)
+                    continue
+                # Lost for good: reported once, here; the drive goes on (the store's seq
+                # check keeps its commits single) and is not renewed again.
+                self._inflight[run_id] = (self._inflight[run_id][0], True)
+                self._lost.add(run_id)
+            self.stats["lease.lost"] += 1
+            self._log.warning("lease.lost", run_id=run_id, lease=self.lease.total_seconds())
 
     def _submit(self, fn: Callable[..., None], *args: Any, **kwargs: Any) -> None:
         assert self._pool is not None
@@ -265,7 +329,10 @@ class Worker:
             log.exception("run.failed", error=str(exc))
         finally:
             with self._lock:
-                expires = self._inflight.pop(run_id, None)
+                held = self._inflight.pop(run_id, None)
+                reported = run_id in self._lost
+                self._lost.discard(run_id)
+            expires = None if held is None or reported else held[0]
             if expires is not None and self.runtime.clock() > expires:
                 self.stats["lease.lost"] += 1
                 log.warning("lease.lost", lease=self.lease.total_seconds())
@@ -289,15 +356,19 @@ class Worker:
 
     def _chain(self, previous: Callable[[datetime], None] | None) -> Callable[[datetime], None]:
         def on_due(deadline: datetime) -> None:
-            # Recorded before re-arming, so that an _arm() racing with us sees it (see _arm).
-            reported = self._reported
-            if reported is None or deadline < reported:
-                self._reported = deadline
-            self._alarm.arm_earlier(deadline)
+            self._due(deadline)
             if previous is not None:
                 previous(deadline)
 
         return on_due
+
+    def _due(self, deadline: datetime) -> None:
+        """A commit (in this process, or announced by the store) created ``deadline``."""
+        # Recorded before re-arming, so that an _arm() racing with us sees it (see _arm).
+        reported = self._reported
+        if reported is None or deadline < reported:
+            self._reported = deadline
+        self._alarm.arm_earlier(deadline)
 
     def _arm(self, now: datetime) -> None:
         """Arm the alarm for the next moment worth waking up for."""
@@ -312,6 +383,8 @@ class Worker:
             if deadline is not None and now < deadline < at:
                 at = deadline
         at = min([at, *self._next_tick])
+        if self._renewing:
+            at = min(at, self._next_renewal)
         self._alarm.arm(at)
         reported = self._latest_report()
         if reported is not None and reported < at:
@@ -334,7 +407,7 @@ class Worker:
                 with self._lock:
                     if state.run_id in self._inflight:
                         continue
-                    self._inflight[state.run_id] = now + self.orphan_after
+                    self._inflight[state.run_id] = (now + self.orphan_after, True)
                 self._submit(self._work, state, redispatch=True)
 
     def _serves(self, workflow: str) -> bool:

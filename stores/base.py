@@ -19,8 +19,8 @@ changes both in one atomic ``commit``.  Contract (the conformance suite in
   unexpired lease on; ``release`` gives a lease back.
 * ``renew(run_id, worker, lease, now) -> bool`` (``SupportsRenew`` for now): extend
   ``worker``'s lease to ``now + lease`` if it still holds it (an expired lease nobody else
-  claimed counts as held); False, and nothing changed, otherwise.  A worker renews the runs it is driving (a long ``call``), so
-  that no other worker claims them while it lives.
+  claimed counts as held); False, and nothing changed, otherwise.  A worker renews the runs
+  it is driving (a node that runs long), so that no other worker claims them while it lives.
 * ``hold(run_id)``: a context manager under which this process drives one run; stores that lock
   per run (JSONL) take the lock once for the whole drive instead of once per commit.
 

@@ -45,7 +45,7 @@ from __future__ import annotations
 import builtins
 import os
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, suppress
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -66,6 +66,7 @@ from ..ledger.merkle import Frontier
 from ..ledger.records import Record, Signature
 from .base import Durability, StoreError, check_append, no_hold
 from .sql_engine import (
+    DueWatcher,
     SqliteCheckpointer,
     inspect_database,
     make_engine,
@@ -88,6 +89,9 @@ _WRITTEN_MAX = 10_000
 
 _cosigs_encoder = msgspec.json.Encoder()
 _cosigs_decoder = msgspec.json.Decoder(builtins.list[Signature])
+
+WATCH_START_SECONDS = 5.0
+"""How long ``watch_due`` waits for its LISTEN to be in effect before returning anyway."""
 
 _CACHED_MAX = 10_000
 """Run states one thread keeps for ``load`` (see ``SqlStore._states``)."""
@@ -318,6 +322,7 @@ class SqlStore:
         self._dbapi: Any = self._engine.dialect.loaded_dbapi
         self._cache_states = self._backend == "sqlite"
         self._frontier = Frontier()
+        self._watchers: builtins.list[DueWatcher] = []
         self._frontier_lock = threading.Lock()
         try:
             self.log_id = self._open(upgrade)
@@ -727,6 +732,27 @@ class SqlStore:
         """Every stored checkpoint note, smallest tree size first."""
         return [str(row[0]) for row in self._query(self._sql.checkpoints, {})]
 
+    def watch_due(self, callback: Callable[[datetime], None]) -> Callable[[], None] | None:
+        """PostgreSQL: call ``callback(deadline)`` whenever any process commits a new wait
+        deadline to this database (LISTEN/NOTIFY, see ``DueWatcher``); returns the function
+        that stops watching.  None on SQLite, which has no way to tell other processes: their
+        workers' poll finds such timers.  Returns once the LISTEN is in effect (or after
+        ``WATCH_START_SECONDS``, the watcher then retrying in the background)."""
+        if self._backend != "postgresql":
+            return None
+        watcher = DueWatcher(self._engine, callback)
+        watcher.started(WATCH_START_SECONDS)
+        with self._lock:
+            self._watchers.append(watcher)
+
+        def stop() -> None:
+            with self._lock:
+                if watcher in self._watchers:
+                    self._watchers.remove(watcher)
+            watcher.stop()
+
+        return stop
+
     def hold(self, run_id: str) -> AbstractContextManager[None]:
         """Nothing to prepare: the seq check in ``commit`` is the only lock a run needs."""
         return no_hold()
@@ -774,8 +800,11 @@ class SqlStore:
             with self._lock:
                 self._closed = True
                 checkpointer, self._checkpointer = self._checkpointer, None
+                watchers, self._watchers = self._watchers, []
             if checkpointer is not None:
                 checkpointer.stop()
+            for watcher in watchers:
+                watcher.stop()
             self._close_connections()
             self._engine.dispose()
 

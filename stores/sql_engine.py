@@ -42,6 +42,7 @@ import threading
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,7 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlalchemy.pool import NullPool
 
 from .base import DURABILITIES, Durability, StoreError
-from .sql_schema import REVISIONS, VERSION_TABLE
+from .sql_schema import NOTIFY_CHANNEL, REVISIONS, VERSION_TABLE, from_us
 
 BUSY_TIMEOUT_MS = 30_000
 """How long a SQLite writer waits for the write lock before ``database is locked``."""
@@ -212,6 +213,60 @@ class SqliteCheckpointer:
         """End the thread (it finishes a checkpoint in progress first)."""
         self._stopping = True
         self._wake.set()
+        self._thread.join()
+
+
+class DueWatcher:
+    """PostgreSQL: LISTENs for new wait deadlines on a connection of its own, in a daemon
+    thread, and calls ``callback(deadline)`` for each (migration 0002's trigger NOTIFYs
+    ``NOTIFY_CHANNEL`` with the deadline in microseconds when a commit sets one).
+
+    The notification arrives when the committing transaction commits, from any process on
+    the same database.  If the connection fails, the thread reconnects after
+    ``RETRY_SECONDS`` (a worker's slow poll covers the gap); ``callback`` errors are the
+    caller's and are not caught.  ``started(timeout)`` waits until LISTEN is in effect.
+    """
+
+    POLL_SECONDS = 0.25
+    """How often the thread looks at its stop flag while no notification comes."""
+    RETRY_SECONDS = 1.0
+
+    def __init__(self, engine: Engine, callback: Callable[[datetime], None]) -> None:
+        self._engine = engine
+        self._callback = callback
+        self._stopping = threading.Event()
+        self._listening = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="wakepoint-pg-listen",
+                                        daemon=True)
+        self._thread.start()
+
+    def started(self, timeout: float) -> bool:
+        """Wait until the LISTEN is in effect; whether it is."""
+        return self._listening.wait(timeout)
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            proxy: Any = None
+            try:
+                proxy = self._engine.raw_connection()
+                conn: Any = proxy.driver_connection
+                conn.autocommit = True
+                conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                self._listening.set()
+                while not self._stopping.is_set():
+                    for note in conn.notifies(timeout=self.POLL_SECONDS):
+                        self._callback(from_us(int(note.payload)))
+            except self._engine.dialect.loaded_dbapi.Error:
+                self._listening.clear()
+                self._stopping.wait(self.RETRY_SECONDS)
+            finally:
+                if proxy is not None:
+                    with suppress(Exception):  # broken or closing: nothing to save
+                        proxy.close()
+
+    def stop(self) -> None:
+        """End the thread (within ``POLL_SECONDS``) and close its connection."""
+        self._stopping.set()
         self._thread.join()
 
 

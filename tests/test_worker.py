@@ -250,21 +250,68 @@ def test_stop_lets_the_current_drive_finish_and_releases_leases(
     assert list(lease_dir.glob("*.json")) == []
 
 
-def test_a_drive_longer_than_its_lease_is_reported(workers: list[Worker]) -> None:
-    """A drive that outlives its lease logs ``lease.lost`` (another worker may have taken
-    the run over; its commits stay single through the store's seq check)."""
-    wf = Workflow("slow-node")
+def _sqlite_runtime(tmp_path: Path, wf: Workflow) -> Runtime:
+    from wakepoint.stores.sql import SqlStore
+
+    return Runtime(SqlStore(f"sqlite:///{tmp_path / 'wp.db'}", upgrade=True), [wf],
+                   home=tmp_path / "home")
+
+
+def test_a_live_worker_renews_the_lease_of_a_long_drive(
+    tmp_path: Path, workers: list[Worker]
+) -> None:
+    """A node that runs for three leases keeps its run: the worker renews the lease while it
+    drives, so another claimer polling all along never gets the run, and no lease is lost."""
+    wf = Workflow("long-node")
+    entered = threading.Event()
 
     @wf.node(start=True)
     def crawl(run: RunView) -> Any:
-        time.sleep(0.3)
+        entered.set()
+        time.sleep(1.5)
         return done(1)
 
-    rt = Runtime("memory:", [wf])
-    _create_running(rt, wf, "l1", None)
-    worker = _run(Worker(rt, lease=0.05, poll=5), workers)
-    _wait_for(lambda: rt.get("l1").status is Status.COMPLETED)
+    rt = _sqlite_runtime(tmp_path, wf)
+    _create_running(rt, wf, "long", None)
+    worker = _run(Worker(rt, lease=0.5, poll=5), workers)
+    assert entered.wait(5)
+    stolen = []
+    while rt.get("long").status is Status.RUNNING:
+        stolen += rt.store.claim(datetime.now(UTC), "thief", timedelta(seconds=5), 10)
+        time.sleep(0.05)
+    assert stolen == []
+    assert rt.get("long").status is Status.COMPLETED
+    assert worker.stats["lease.lost"] == 0
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_a_lease_taken_over_is_reported_once(
+    kind: str, tmp_path: Path, workers: list[Worker]
+) -> None:
+    """When another worker claims the run after the lease ran out (here: a claim dated an
+    hour ahead, as a worker with a clock jump or a long-suspended owner would see it), the
+    worker logs ``lease.lost`` once - at the refused renewal, or (a store without ``renew``)
+    when the drive ends past its lease - and the drive still completes (the store's seq
+    check keeps its commits single)."""
+    wf = Workflow("taken-node")
+    holder: list[Any] = []
+
+    @wf.node(start=True)
+    def crawl(run: RunView) -> Any:
+        store = holder[0]
+        assert store.claim(datetime.now(UTC) + timedelta(hours=1), "thief",
+                           timedelta(hours=2), 10)
+        time.sleep(0.6)
+        return done(1)
+
+    rt = _sqlite_runtime(tmp_path, wf) if kind == "sqlite" else Runtime("memory:", [wf])
+    holder.append(rt.store)
+    _create_running(rt, wf, "taken", None)
+    worker = _run(Worker(rt, lease=0.3, poll=5), workers)
+    _wait_for(lambda: rt.get("taken").status is Status.COMPLETED)
     _wait_for(lambda: worker.stats["lease.lost"] == 1)
+    time.sleep(0.2)
+    assert worker.stats["lease.lost"] == 1
 
 
 def test_recover_run_leaves_an_unresolved_effect_alone_unless_asked(tmp_path: Path) -> None:
