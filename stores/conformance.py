@@ -1047,6 +1047,40 @@ def check_claim_release(store: Store) -> None:
     _equal(store.claim(h.now, "w3", lease, 10), [], "a finished run is not claimable")
 
 
+def check_renew(store: Store) -> None:
+    """``renew`` (``SupportsRenew``) extends only the holder's lease: refused (False, nothing
+    changed) for a run nobody holds, for another worker, after a release, after another
+    worker claimed the expired lease, and for an unknown run; a renewed lease keeps other
+    claimers out until the new expiry; an expired lease nobody took is renewed."""
+    renew = getattr(store, "renew", None)
+    if renew is None:
+        raise _fail("renew", f"{type(store).__name__} has no renew(run_id, worker, lease, now)")
+    h = Harness(store)
+    h.start(LINEAR, "r1", {"key": "evt:k0", "data": None, "boom": False})  # RUNNING
+    lease = timedelta(seconds=10)
+    now = h.now
+    _equal(renew("r1", "w1", lease, now), False, "renew of a run nobody holds")
+    _equal(_ids(store.claim(now, "w1", lease, 10)), ["r1"], "w1 claims r1")
+    later = now + timedelta(seconds=8)
+    _equal(renew("r1", "w1", lease, later), True, "the holder renews")
+    _equal(renew("r1", "w2", lease, later), False, "renew by a non-holder")
+    _equal(store.claim(now + timedelta(seconds=15), "w2", lease, 10), [],
+           "a renewed lease keeps others out past its first expiry")
+    expired = later + lease + timedelta(seconds=1)
+    _equal(renew("r1", "w1", lease, expired), True, "an expired lease nobody took is renewed")
+    taken = expired + lease
+    _equal(_ids(store.claim(taken, "w2", lease, 10)), ["r1"], "w2 claims after expiry")
+    _equal(renew("r1", "w1", lease, taken), False, "renew after another worker took over")
+    store.release("r1", "w2")
+    _equal(renew("r1", "w2", lease, taken), False, "renew after release")
+    _equal(renew("unknown", "w1", lease, now), False, "renew of an unknown run")
+
+
+RENEW_CHECKS: tuple[Callable[[Store], None], ...] = (check_renew,)
+"""Checks of ``renew``; they join ``QUERY_CHECKS`` once every store has it (memory and JSONL
+are being given it)."""
+
+
 def check_hold(store: Store) -> None:
     """Under ``hold``: commits are visible at once, a stale commit still conflicts, and the
     run is usable after the hold ends (also after an exception inside it)."""

@@ -1,5 +1,6 @@
-"""Migration 0002's features on SQLite and a real PostgreSQL: co-signed records, signed
-checkpoints of the global record order, and lease renewal.
+"""Migration 0002's features on SQLite and a real PostgreSQL: co-signed records and signed
+checkpoints of the global record order (``renew`` is in the conformance suite:
+``stores.conformance.check_renew``, run by ``tests/test_sql_store.py``).
 
 * A ``key.rotated`` record (signed by the old and the new key) is stored with both
   signatures and read back equal; the chain verifies across the rotation; ordinary records
@@ -9,15 +10,12 @@ checkpoints of the global record order, and lease renewal.
   in global position order; the next checkpoint covers the records since (incrementally, and
   equal to a fresh store's from scratch); no new records, no new checkpoint;
   ``checkpoints()`` lists them by size; the ledger verifier accepts the store with them.
-* ``renew`` extends only the holder's lease, refuses a worker that never held it, released
-  it, or lost it to another claimer, and a renewed lease keeps other claimers out.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -145,27 +143,3 @@ def test_verifier_accepts_a_store_with_checkpoints(url: str) -> None:
     assert report.ok, report
     assert report.checkpoint is not None
     assert report.uncovered == 0  # the checkpoint covers every record
-
-
-def test_renew_extends_only_the_holders_lease(url: str) -> None:
-    """``renew`` moves the holder's expiry (others cannot claim until it passes), and is
-    refused - changing nothing - for a worker that does not hold the lease."""
-    store = SqlStore(url)
-    lease = timedelta(seconds=10)
-    try:
-        h = Harness(store)
-        h.start(COUNTER, "r", 5)  # RUNNING: claimable
-        now = h.now
-        assert not store.renew("r", "a", lease, now)  # nobody holds it
-        assert [s.run_id for s in store.claim(now, "a", lease, 10)] == ["r"]
-        later = now + timedelta(seconds=8)
-        assert store.renew("r", "a", lease, later)  # now held until later + 10 s
-        assert not store.renew("r", "b", lease, later)
-        assert store.claim(now + timedelta(seconds=15), "b", lease, 10) == []  # renewed
-        assert [s.run_id for s in store.claim(later + lease, "b", lease, 10)] == ["r"]
-        assert not store.renew("r", "a", lease, later + lease)  # lost to b
-        store.release("r", "b")
-        assert not store.renew("r", "b", lease, later + lease)  # released
-        assert not store.renew("missing", "a", lease, now)
-    finally:
-        store.close()
