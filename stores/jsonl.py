@@ -972,6 +972,42 @@ class JsonlStore:
         except RunNotFound:
             return  # no such run: no lease to give back
 
+    def renew(self, run_id: str, worker: str, lease: timedelta, now: datetime) -> bool:
+        """Extend ``worker``'s lease on ``run_id`` to ``now + lease``; False (nothing changed)
+        unless ``worker`` holds it.  An expired lease nobody took over still counts: no one
+        else can have driven the run meanwhile.
+
+        Under the run's lock, so it cannot race a ``claim``.  A worker renews from another
+        thread than the one driving the run; while that thread holds the run's file lock no
+        other process can claim or write the run at all, so the lease needs no rewrite: the
+        call answers from the lease file at once instead of waiting for the drive to end.
+        """
+        run = self._checkout(run_id)
+        try:
+            if not run.mutex.acquire(blocking=False):
+                if run.owner is not None and run.owner != threading.get_ident():
+                    # Driven by another thread here, under the file lock: the lease file
+                    # (replaced atomically, so readable without the lock) names the holder.
+                    held = self._read_lease(run)
+                    return held is not None and held.worker == worker
+                run.mutex.acquire()
+            try:
+                self._lock_run(run)
+                try:
+                    held = self._read_lease(run)
+                    if held is None or held.worker != worker:
+                        return False
+                    self._write_lease(run, _Lease(worker=worker, expires=now + lease))
+                    return True
+                finally:
+                    self._unlock_run(run)
+            finally:
+                run.mutex.release()
+        except RunNotFound:
+            return False
+        finally:
+            self._checkin(run)
+
     def _read_lease(self, run: _Run) -> _Lease | None:
         try:
             data = Path(run.lease_path).read_bytes()

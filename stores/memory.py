@@ -129,6 +129,16 @@ class MemoryStore:
             if held is not None and held[0] == worker:
                 del self._leases[run_id]
 
+    def renew(self, run_id: str, worker: str, lease: timedelta, now: datetime) -> bool:
+        """Extend ``worker``'s lease on ``run_id`` to ``now + lease``; False (nothing changed)
+        unless ``worker`` holds it (an expired lease nobody took over still counts)."""
+        with self._lock:
+            held = self._leases.get(run_id)
+            if held is None or held[0] != worker:
+                return False
+            self._leases[run_id] = (worker, now + lease)
+            return True
+
     def hold(self, run_id: str) -> AbstractContextManager[None]:
         """Nothing to prepare in memory."""
         return no_hold()

@@ -928,3 +928,49 @@ def test_processes_race_for_each_seq(
 
 if __name__ == _RACE_MODULE:
     _race_worker(*globals()["RACE_ARGS"])
+
+
+# --- lease renewal -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["memory", "jsonl"])
+def test_renew_passes_the_conformance_check(
+    kind: str, open_jsonl: Callable[..., JsonlStore]
+) -> None:
+    """The shared conformance check of renew, on the two stores this module's owner keeps."""
+    from wakepoint.stores.conformance import check_renew
+
+    check_renew(MemoryStore() if kind == "memory" else open_jsonl())
+
+
+def test_renew_while_another_thread_drives_the_run_does_not_wait(
+    open_jsonl: Callable[..., JsonlStore], signer: Signer
+) -> None:
+    """A worker renews from its own thread while another thread holds the run (a long call):
+    renew answers at once from the lease file (True for the holder), because no other process
+    can claim or write a run whose file lock this process holds."""
+    store = open_jsonl()
+    Driver(store, signer, LOOP, "r1")
+    now = datetime(2030, 1, 1, tzinfo=UTC)
+    lease = timedelta(seconds=10)
+    assert [s.run_id for s in store.claim(now, "w1", lease, 1)] == ["r1"]
+    entered, leave = threading.Event(), threading.Event()
+
+    def drive() -> None:
+        with store.hold("r1"):
+            entered.set()
+            leave.wait(5)
+
+    driver = threading.Thread(target=drive)
+    driver.start()
+    try:
+        assert entered.wait(5)
+        started = time.monotonic()
+        assert store.renew("r1", "w1", lease, now) is True  # under our own file lock
+        assert store.renew("r1", "w2", lease, now) is False  # not the holder
+        assert time.monotonic() - started < 0.5
+    finally:
+        leave.set()
+        driver.join()
+    assert store.renew("r1", "w2", lease, now) is False  # not held: the lease file decides
+    assert store.renew("r1", "w1", lease, now) is True
