@@ -17,10 +17,10 @@ changes both in one atomic ``commit``.  Contract (the conformance suite in
 * ``claim(now, worker, lease, limit)``: atomically lease up to ``limit`` runs that need a worker
   now - RUNNING runs, and WAITING runs whose deadline has passed - that no other worker holds an
   unexpired lease on; ``release`` gives a lease back.
-* ``renew(run_id, worker, lease, now) -> bool`` (``SupportsRenew`` for now): extend
-  ``worker``'s lease to ``now + lease`` if it still holds it (an expired lease nobody else
-  claimed counts as held); False, and nothing changed, otherwise.  A worker renews the runs
-  it is driving (a node that runs long), so that no other worker claims them while it lives.
+* ``renew(run_id, worker, lease, now) -> bool``: extend ``worker``'s lease to ``now + lease``
+  if it still holds it (an expired lease nobody else claimed counts as held); False, and
+  nothing changed, otherwise.  A worker renews the runs it is driving (a node that runs long),
+  so that no other worker claims them while it lives.
 * ``hold(run_id)``: a context manager under which this process drives one run; stores that lock
   per run (JSONL) take the lock once for the whole drive instead of once per commit.
 
@@ -109,6 +109,10 @@ class Store(Protocol):
         """Give back ``worker``'s lease on ``run_id`` (no error if it holds none)."""
         ...
 
+    def renew(self, run_id: str, worker: str, lease: timedelta, now: datetime) -> bool:
+        """Extend ``worker``'s lease on ``run_id`` to ``now + lease``; False if not held."""
+        ...
+
     def hold(self, run_id: str) -> AbstractContextManager[None]:
         """Keep ``run_id`` ready for a series of commits by this process."""
         ...
@@ -119,18 +123,6 @@ class Store(Protocol):
 
     def close(self) -> None:
         """Flush and release resources; the store is unusable afterwards."""
-        ...
-
-
-@runtime_checkable
-class SupportsRenew(Protocol):
-    """``renew`` (see the module docstring).  A protocol of its own until every store has
-    it (memory and JSONL are being given it); then it moves into ``Store``.  The worker
-    calls it through ``getattr``, so a store without it still works (leases then only
-    last ``lease`` from the claim)."""
-
-    def renew(self, run_id: str, worker: str, lease: timedelta, now: datetime) -> bool:
-        """Extend ``worker``'s lease on ``run_id`` to ``now + lease``; False if not held."""
         ...
 
 

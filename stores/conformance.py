@@ -29,7 +29,8 @@ What a store that passes has shown, for runs driven by the *real* kernel and sig
   not simulate power loss.)  ``close`` returns within ``CLOSE_TIMEOUT`` seconds.
 * **Leases exclude.**  ``claim`` leases exactly the runs that need a worker (RUNNING, or
   WAITING past a deadline) and that no *other* worker holds an unexpired lease on, at most
-  ``limit`` of them; ``release`` hands a lease back, and only its holder can.
+  ``limit`` of them; ``release`` hands a lease back, and only its holder can; ``renew``
+  extends only the holder's lease.
 * **Processes race safely** (durable stores).  Several processes committing the same seq of
   one run: exactly one wins each round, the others get ``ConflictError``, and the final
   ledger is contiguous and verifies; several processes claiming at once never lease a run
@@ -1048,13 +1049,11 @@ def check_claim_release(store: Store) -> None:
 
 
 def check_renew(store: Store) -> None:
-    """``renew`` (``SupportsRenew``) extends only the holder's lease: refused (False, nothing
+    """``renew`` extends only the holder's lease: refused (False, nothing
     changed) for a run nobody holds, for another worker, after a release, after another
     worker claimed the expired lease, and for an unknown run; a renewed lease keeps other
     claimers out until the new expiry; an expired lease nobody took is renewed."""
-    renew = getattr(store, "renew", None)
-    if renew is None:
-        raise _fail("renew", f"{type(store).__name__} has no renew(run_id, worker, lease, now)")
+    renew = store.renew
     h = Harness(store)
     h.start(LINEAR, "r1", {"key": "evt:k0", "data": None, "boom": False})  # RUNNING
     lease = timedelta(seconds=10)
@@ -1074,11 +1073,6 @@ def check_renew(store: Store) -> None:
     store.release("r1", "w2")
     _equal(renew("r1", "w2", lease, taken), False, "renew after release")
     _equal(renew("unknown", "w1", lease, now), False, "renew of an unknown run")
-
-
-RENEW_CHECKS: tuple[Callable[[Store], None], ...] = (check_renew,)
-"""Checks of ``renew``; they join ``QUERY_CHECKS`` once every store has it (memory and JSONL
-are being given it)."""
 
 
 def check_hold(store: Store) -> None:
@@ -1125,6 +1119,7 @@ QUERY_CHECKS: tuple[Callable[[Store], None], ...] = (
     check_claim_two_workers,
     check_claim_limit,
     check_claim_release,
+    check_renew,
     check_hold,
     check_awkward_run_ids,
 )

@@ -6,6 +6,15 @@ Promises (the contract of ``stores.base``, checked by ``stores.conformance``):
   :expected`` (the optimistic check: zero rows means another writer moved the run, or there
   is no run), then the records.  All or nothing; the loser of a race gets ``ConflictError``
   with the seq it lost to.  ``create`` is ``INSERT ... ON CONFLICT DO NOTHING``.
+* PostgreSQL writes are ONE statement each, run in autocommit (the statement is the
+  transaction): ``WITH run_row AS (<the run's UPDATE or INSERT> RETURNING run_id), bump AS
+  (<the counter>), added AS (<the records, from arrays>) SELECT ...``.  One round trip
+  instead of five (BEGIN, run, counter, records, COMMIT), and - what matters for several
+  workers - the counter row below is locked only while the server executes the statement,
+  not across the client's round trips: with two worker processes the counter lock was the
+  point where they queued.  ``claim``, ``release`` and ``renew`` are single statements too.
+  SQLite keeps explicit ``BEGIN IMMEDIATE`` transactions (a statement that reads, then
+  writes, could not otherwise wait for the write lock).
 * Every record gets a store-wide *global position*, dense from 1 and in commit order.
   SQLite: the position is the rowid, which SQLite sets to ``max + 1``; writers hold the
   database's one write lock from ``BEGIN IMMEDIATE`` to ``COMMIT``, so positions follow
@@ -48,7 +57,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, suppress
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import msgspec
 from sqlalchemy import bindparam, func, literal_column, null, select, update
@@ -110,6 +119,30 @@ def _after_fork() -> None:
 os.register_at_fork(after_in_child=_after_fork)
 
 
+_PG_RECORDS = f"""
+, bump AS (
+    UPDATE {WP_META.name} SET last_position = last_position + %(b_count)s
+    WHERE id = 1 AND EXISTS (SELECT 1 FROM run_row)
+    RETURNING last_position
+), added AS (
+    INSERT INTO {WP_RECORDS.name}
+        (position, run_id, seq, key_id, body, sig, record_hash, cosigs)
+    SELECT bump.last_position - %(b_count)s + t.k, %(b_run_id)s, t.seq, t.key_id, t.body,
+           t.sig, t.hash, t.cosigs
+    FROM bump, unnest(%(b_seqs)s::bigint[], %(b_key_ids)s::text[], %(b_bodies)s::bytea[],
+                      %(b_sigs)s::bytea[], %(b_hashes)s::text[], %(b_cosigs)s::bytea[])
+         WITH ORDINALITY AS t(seq, key_id, body, sig, hash, cosigs, k)
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM run_row), (SELECT count(*) FROM added)
+"""
+"""The tail of PostgreSQL's one-statement writes.  ``bump`` reads ``run_row`` (an uncorrelated
+EXISTS, evaluated before the counter row is locked), so the run's row is locked first and
+the counter second, as in the transaction form; when the run's write matched no row (a
+conflict, a taken id) nothing is bumped or inserted.  Records come in as parallel arrays,
+numbered by ``WITH ORDINALITY`` from the bumped counter."""
+
+
 class _Statements:
     """Every statement of the store, compiled once for one dialect.
 
@@ -119,12 +152,12 @@ class _Statements:
 
     def __init__(self, engine: Engine) -> None:
         self._dialect = engine.dialect
-        r, rec, meta = WP_RUNS.c, WP_RECORDS.c, WP_META.c
+        r, rec = WP_RUNS.c, WP_RECORDS.c
         b = bindparam
         insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
         self.load = self._sql(select(r.state).where(r.run_id == b("b_run_id")))
         self.seq = self._sql(select(r.seq).where(r.run_id == b("b_run_id")))
-        self.create = self._sql(
+        create = (
             insert(WP_RUNS)
             .values(
                 run_id=b("b_run_id"), state=b("b_state"), status=b("b_status"),
@@ -135,7 +168,7 @@ class _Statements:
             )
             .on_conflict_do_nothing(index_elements=[r.run_id])
         )
-        self.update = self._sql(
+        full = (
             update(WP_RUNS)
             .where(r.run_id == b("b_run_id"), r.seq == b("b_expected"))
             .values(
@@ -144,25 +177,23 @@ class _Statements:
                 due=b("b_due"), updated_at=b("b_updated_at"),
             )
         )
-        self.update_state = self._sql(
+        state_only = (
             update(WP_RUNS)
             .where(r.run_id == b("b_run_id"), r.seq == b("b_expected"))
             .values(state=b("b_state"), seq=b("b_seq"), updated_at=b("b_updated_at"))
         )
-        self.rowid_positions = engine.dialect.name == "sqlite"
-        self.bump = self._sql(
-            update(WP_META)
-            .where(meta.id == _ONE)
-            .values(last_position=meta.last_position + b("b_count"))
-            .returning(meta.last_position)
+        self.create, self.update, self.update_state = map(self._sql, (create, full, state_only))
+        # PostgreSQL: each write is ONE statement (see "PostgreSQL writes" in the header).
+        self.pg_create, self.pg_update, self.pg_update_state = (
+            self._with_records(stmt.returning(r.run_id)) for stmt in (create, full, state_only)
         )
+        # SQLite's record insert (PostgreSQL's is inside the statements above).  NULL into
+        # SQLite's INTEGER PRIMARY KEY is "the next rowid", the global position.
         record: dict[str, ColumnElement[Any]] = {
-            "run_id": b("b_run_id"), "seq": b("b_seq"), "key_id": b("b_key_id"),
-            "body": b("b_body"), "sig": b("b_sig"), "record_hash": b("b_hash"),
-            "cosigs": b("b_cosigs"),
+            "position": null(), "run_id": b("b_run_id"), "seq": b("b_seq"),
+            "key_id": b("b_key_id"), "body": b("b_body"), "sig": b("b_sig"),
+            "record_hash": b("b_hash"), "cosigs": b("b_cosigs"),
         }
-        # NULL into SQLite's INTEGER PRIMARY KEY is "the next rowid".
-        record["position"] = null() if self.rowid_positions else b("b_position")
         # ``inline``: no ``RETURNING position`` (SQLAlchemy adds one for a NULL primary key),
         # which costs SQLite a third more per insert and which nobody reads.
         self.append = self._sql(WP_RECORDS.insert().inline().values(**record))
@@ -232,6 +263,11 @@ class _Statements:
 
     def _sql(self, statement: ClauseElement) -> str:
         return str(statement.compile(dialect=self._dialect))
+
+    def _with_records(self, head: ClauseElement) -> str:
+        """``head`` (a write to the run's row, ``RETURNING run_id``) and the records, as one
+        PostgreSQL statement; its row is (runs written, records written)."""
+        return f"WITH run_row AS ({self._sql(head)}){_PG_RECORDS}"
 
     def listing(
         self, status: bool, workflow: bool, wait_kind: bool, due: bool, parent: bool,
@@ -321,6 +357,7 @@ class SqlStore:
         self._checkpointer: SqliteCheckpointer | None = None
         self._dbapi: Any = self._engine.dialect.loaded_dbapi
         self._cache_states = self._backend == "sqlite"
+        self._pg = self._backend == "postgresql"
         self._frontier = Frontier()
         self._watchers: builtins.list[DueWatcher] = []
         self._frontier_lock = threading.Lock()
@@ -458,10 +495,22 @@ class SqlStore:
             self._discard()
             raise
 
+    def _write(self, sql: str, params: Mapping[str, Any]) -> Any:
+        """One write statement in autocommit mode - its own transaction on both dialects
+        (SQLite waits for the write lock with ``busy_timeout``: a lone write statement has
+        no earlier read to be stale) - returning the cursor to read its result from."""
+        cursor = self._cursor()
+        try:
+            cursor.execute(sql, params)
+        except (self._dbapi.OperationalError, self._dbapi.InterfaceError):
+            self._discard()
+            raise
+        return cursor
+
     # --- writes --------------------------------------------------------------------------------
 
     def _append(self, cursor: Any, records: Sequence[Record]) -> None:
-        """Insert ``records`` at the next global positions (inside the caller's transaction)."""
+        """SQLite: insert ``records`` at the next rowids (inside the caller's transaction)."""
         if not records:
             return
         rows = [
@@ -470,12 +519,6 @@ class SqlStore:
              "b_cosigs": _cosigs_encoder.encode(rec.cosigs) if rec.cosigs else None}
             for rec in records
         ]
-        if not self._sql.rowid_positions:
-            cursor.execute(self._sql.bump, {"b_count": len(records)})
-            position = cursor.fetchone()[0] - len(records)
-            for row in rows:
-                position += 1
-                row["b_position"] = position
         if len(rows) == 1:
             cursor.execute(self._sql.append, rows[0])
         else:
@@ -490,17 +533,21 @@ class SqlStore:
         params["b_workflow"] = state.workflow
         params["b_parent"] = None if state.parent is None else state.parent.run_id
         params["b_created_at"] = to_us(state.created_at)
-        cursor = self._begin()
-        try:
-            cursor.execute(self._sql.create, params)
-            if cursor.rowcount != 1:
+        if self._pg:
+            if not self._write_pg(self._sql.pg_create, params, records):
                 raise RunExists(state.run_id)
-            self._append(cursor, records)
-        except BaseException as exc:
-            self._abort(cursor, exc)
-            raise
-        self._end(cursor)
-        self._committed()
+        else:
+            cursor = self._begin()
+            try:
+                cursor.execute(self._sql.create, params)
+                if cursor.rowcount != 1:
+                    raise RunExists(state.run_id)
+                self._append(cursor, records)
+            except BaseException as exc:
+                self._abort(cursor, exc)
+                raise
+            self._end(cursor)
+            self._committed()
         self._wrote(state.run_id, state.seq, indexed)
         self._cached(state)
 
@@ -514,23 +561,59 @@ class SqlStore:
         params["b_run_id"] = run_id
         params["b_expected"] = expected_seq
         same = self._written.get(run_id) == (expected_seq, indexed)
-        cursor = self._begin()
-        try:
-            cursor.execute(self._sql.update_state if same else self._sql.update, params)
-            if cursor.rowcount != 1:
-                cursor.execute(self._sql.seq, {"b_run_id": run_id})
-                row = cursor.fetchone()
-                if row is None:
-                    raise RunNotFound(run_id)
-                raise ConflictError(run_id, expected_seq, int(row[0]))
-            self._append(cursor, records)
-        except BaseException as exc:
-            self._abort(cursor, exc)
-            raise
-        self._end(cursor)
-        self._committed()
+        if self._pg:
+            sql = self._sql.pg_update_state if same else self._sql.pg_update
+            if not self._write_pg(sql, params, records):
+                self._refuse(run_id, expected_seq, self._cursor())
+        else:
+            cursor = self._begin()
+            try:
+                cursor.execute(self._sql.update_state if same else self._sql.update, params)
+                if cursor.rowcount != 1:
+                    self._refuse(run_id, expected_seq, cursor)
+                self._append(cursor, records)
+            except BaseException as exc:
+                self._abort(cursor, exc)
+                raise
+            self._end(cursor)
+            self._committed()
         self._wrote(run_id, state.seq, indexed)
         self._cached(state)
+
+    def _refuse(self, run_id: str, expected_seq: int, cursor: Any) -> NoReturn:
+        """The run's write matched no row: ``RunNotFound`` or ``ConflictError``."""
+        cursor.execute(self._sql.seq, {"b_run_id": run_id})
+        row = cursor.fetchone()
+        if row is None:
+            raise RunNotFound(run_id)
+        raise ConflictError(run_id, expected_seq, int(row[0]))
+
+    def _write_pg(self, sql: str, params: dict[str, Any], records: Sequence[Record]) -> bool:
+        """Run one of PostgreSQL's one-statement writes (autocommit: the statement is the
+        transaction); whether the run's row was written (then every record was too)."""
+        params["b_count"] = len(records)
+        params["b_seqs"] = [rec.seq for rec in records]
+        params["b_key_ids"] = [rec.key_id for rec in records]
+        params["b_bodies"] = [rec.body for rec in records]
+        params["b_sigs"] = [rec.sig for rec in records]
+        params["b_hashes"] = [rec.hash for rec in records]
+        params["b_cosigs"] = [_cosigs_encoder.encode(rec.cosigs) if rec.cosigs else None
+                              for rec in records]
+        cursor = self._cursor()
+        try:
+            cursor.execute(sql, params)
+            runs, added = cursor.fetchone()
+        except (self._dbapi.OperationalError, self._dbapi.InterfaceError):
+            # The outcome is unknown (the connection may have died mid-commit); a retry
+            # reloads and finds out through the seq check.
+            self._discard()
+            raise
+        if runs != 1:
+            return False
+        if added != len(records):  # cannot happen: one statement, all or nothing
+            raise CorruptStore(f"{self._shown} {WP_RECORDS.name}", None,
+                               f"a commit wrote {added} of {len(records)} records")
+        return True
 
     def _committed(self) -> None:
         """Tell SQLite's checkpointer (started on the first commit) that the WAL grew."""
@@ -670,16 +753,19 @@ class SqlStore:
             return []
         params = {"b_now": to_us(now), "b_worker": worker, "b_limit": limit,
                   "b_expires": to_us(now + lease)}
-        with self._transaction() as cursor:
-            cursor.execute(self._sql.claim, params)
-            states = [decode_state(row[0]) for row in cursor.fetchall()]
+        if self._pg:  # one statement: FOR UPDATE SKIP LOCKED does the excluding
+            rows = self._write(self._sql.claim, params).fetchall()
+        else:
+            with self._transaction() as cursor:
+                cursor.execute(self._sql.claim, params)
+                rows = cursor.fetchall()
+        states = [decode_state(row[0]) for row in rows]
         states.sort(key=lambda s: (s.created_at, s.run_id))
         return states
 
     def release(self, run_id: str, worker: str) -> None:
         """Give back ``worker``'s lease on ``run_id`` (nothing if it holds none)."""
-        with self._transaction() as cursor:
-            cursor.execute(self._sql.release, {"b_run_id": run_id, "b_worker": worker})
+        self._write(self._sql.release, {"b_run_id": run_id, "b_worker": worker})
 
     def renew(self, run_id: str, worker: str, lease: timedelta, now: datetime) -> bool:
         """Extend ``worker``'s lease on ``run_id`` to ``now + lease``; False (and nothing
@@ -687,9 +773,7 @@ class SqlStore:
         worker claimed it after it expired.  An expired lease nobody took over is renewed:
         no one else can have driven the run meanwhile."""
         params = {"b_run_id": run_id, "b_worker": worker, "b_expires": to_us(now + lease)}
-        with self._transaction() as cursor:
-            cursor.execute(self._sql.renew, params)
-            return bool(cursor.rowcount == 1)
+        return bool(self._write(self._sql.renew, params).rowcount == 1)
 
     # --- checkpoints ---------------------------------------------------------------------------
 

@@ -1,8 +1,8 @@
 """PostgreSQL LISTEN/NOTIFY: a timer created by one process wakes a worker in another at once.
 
 * Store level: ``SqlStore.watch_due`` on one store object (its own connection) is told the
-  deadline another store object commits, within a second; a rolled-back commit announces
-  nothing; SQLite has no watch (None).
+  deadline another store object commits, within a second; a rolled-back commit, and a
+  deadline already past when committed, announce nothing; SQLite has no watch (None).
 * Process level: a worker process with a 30 s poll; the test process (a client) starts runs
   whose first timer is 0-200 ms away.  Only the NOTIFY can wake the worker in time: every run
   completes (5 timers and 5 calls each) within a few seconds, far inside one poll.
@@ -76,6 +76,9 @@ def test_watch_due_hears_another_connections_deadline(pg_url: str) -> None:
         with pytest.raises(RuntimeError), writer._transaction() as cursor:
             cursor.execute("UPDATE wp_runs SET due = due + 1")
             raise RuntimeError("roll back")
+        # committed, but already past by the server's clock: its committer resolves it
+        with writer._transaction() as cursor:
+            cursor.execute("UPDATE wp_runs SET due = 1")
         time.sleep(0.5)
         assert heard.empty()
         stop()

@@ -7,8 +7,9 @@ Create Date: 2026-11-21
 * ``wp_records.cosigs``: nullable bytes, the msgspec JSON list of the DSSE signatures after
   the first (``key.rotated`` records carry two); existing rows need no value.
 * ``wp_checkpoints``: one signed checkpoint note per tree size.
-* PostgreSQL only: ``wp_notify_due()`` and its trigger on ``wp_runs``: a row inserted with a
-  deadline, or updated to a different one, sends ``NOTIFY wp_due, '<microseconds>'``.  The
+* PostgreSQL only: ``wp_notify_due()`` and its triggers on ``wp_runs``: a row inserted with a
+  deadline still ahead, or updated to a different one still ahead, sends ``NOTIFY wp_due,
+  '<microseconds>'``.  The
   notification is delivered when (and only if) the transaction commits, so a worker that
   LISTENs never wakes for a timer that was rolled back.  A server-side trigger costs the
   committing client no round trip, and every writer (store, CLI, a hand-made UPDATE) gets it.
@@ -37,12 +38,18 @@ BEGIN
 END
 $$
 """
+# Only deadlines still ahead (by the server's clock) are announced: a deadline already past
+# when it is committed is one its committer resolves in the same drive (``wait_until`` of a
+# past time resumes at once), and announcing it would wake every worker for nothing - and
+# NOTIFY serializes the commits that send one.  (Should an application host's clock lag the
+# database's, such a timer is found by the workers' poll instead.)
+_AHEAD = "NEW.due > (extract(epoch FROM clock_timestamp()) * 1000000)::bigint"
 # Two triggers because an INSERT has no OLD row to compare with.
 _TRIGGERS = (
     "CREATE TRIGGER wp_runs_due_insert AFTER INSERT ON wp_runs FOR EACH ROW "
-    "WHEN (NEW.due IS NOT NULL) EXECUTE FUNCTION wp_notify_due()",
+    f"WHEN (NEW.due IS NOT NULL AND {_AHEAD}) EXECUTE FUNCTION wp_notify_due()",
     "CREATE TRIGGER wp_runs_due_update AFTER UPDATE OF due ON wp_runs FOR EACH ROW "
-    "WHEN (NEW.due IS NOT NULL AND NEW.due IS DISTINCT FROM OLD.due) "
+    f"WHEN (NEW.due IS NOT NULL AND NEW.due IS DISTINCT FROM OLD.due AND {_AHEAD}) "
     "EXECUTE FUNCTION wp_notify_due()",
 )
 
