@@ -19,6 +19,7 @@ import time
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from .peers import harness, report, venvs
 
@@ -42,6 +43,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
                         help="where RESULTS.md, steps.png and peers/results.json go")
     parser.add_argument("--readme", action="store_true",
                         help="also rewrite the README's peer table")
+    parser.add_argument("--render", action="store_true",
+                        help="measure nothing: re-render the outputs from --out's "
+                             "peers/results.json (after a change to the report's layout)")
     args = parser.parse_args(argv)
     chosen = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = sorted(set(chosen) - set(names))
@@ -69,20 +73,25 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse(argv)
-    command = " ".join(["python3 -m benchmarks", *map(shlex.quote, argv)])
-    started = datetime.now(UTC)
+    out: Path = args.out
+    raw = out / "peers" / "results.json"
     try:
-        systems = [venvs.ensure(s, install=not args.no_install) for s in args.systems]
         plotter = venvs.ensure(venvs.PLOT, install=not args.no_install)
-    except venvs.SetupError as exc:
+        if args.render:
+            saved = json.loads(raw.read_text())
+            return publish(saved["summary"], saved["meta"], saved["records"], out, plotter,
+                           args.readme)
+        systems = [venvs.ensure(s, install=not args.no_install) for s in args.systems]
+    except (venvs.SetupError, OSError, ValueError, KeyError) as exc:
         print(f"benchmarks: {exc}", file=sys.stderr)
         return 1
+    command = " ".join(["python3 -m benchmarks", *map(shlex.quote, argv)])
+    started = datetime.now(UTC)
     versions = {s.name: venvs.versions(s) for s in systems}
     load_before = report.machine()["uptime"]
     print(f"load before: {load_before}")
     t0 = time.monotonic()
     records = harness.run_rounds(systems, args.cases, args.sizes, args.rounds)
-    summary = harness.summarize(records)
     meta = {
         "command": command, "started": started.strftime("%Y-%m-%d %H:%M"),
         "finished": datetime.now(UTC).strftime("%Y-%m-%d %H:%M"),
@@ -91,19 +100,24 @@ def main(argv: list[str] | None = None) -> int:
         "load_before": load_before, "commit": report.commit(),
     }
     meta["load_after"] = meta["machine"]["uptime"]
-    out: Path = args.out
-    (out / "peers").mkdir(parents=True, exist_ok=True)
-    (out / "peers" / "results.json").write_text(
-        json.dumps({"meta": meta, "summary": summary, "records": records}, indent=1) + "\n")
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    summary = harness.summarize(records)
+    raw.write_text(json.dumps({"meta": meta, "summary": summary, "records": records},
+                              indent=1) + "\n")
+    return publish(summary, meta, records, out, plotter, args.readme)
+
+
+def publish(summary: report.Summary, meta: dict[str, Any], records: list[dict[str, Any]],
+            out: Path, plotter: venvs.System, readme: bool) -> int:
+    """Write RESULTS.md, the PNG and (``readme``) the README block; print the verdicts."""
     report.write_results(out / "RESULTS.md", summary, meta)
-    report.plot(plotter, summary, out / "steps.png", args.sizes.linear_runs)
-    if args.readme:
-        report.update_readme(report.README, report.readme_block(summary, command))
+    report.plot(plotter, summary, out / "steps.png", meta["sizes"]["linear_runs"])
+    if readme:
+        report.update_readme(report.README, report.readme_block(summary, meta["command"]))
     print("\n".join(report.readme_table(summary)))
     for target, measured, met in report.targets(summary):
         print(f"{'ok ' if met else 'NO ' if met is False else '-  '} {target}: {measured}")
-    print(f"written: {out / 'RESULTS.md'}, {out / 'steps.png'}, "
-          f"{out / 'peers' / 'results.json'}")
+    print(f"written: {out / 'RESULTS.md'}, {out / 'steps.png'}")
     failed = [r for r in records if "error" in r]
     return 1 if failed else 0
 

@@ -99,9 +99,11 @@ def targets(summary: Summary) -> list[tuple[str, str, bool | None]]:
             out.append((f"≥ 5x the best peer, {what}", "not measured", None))
             continue
         ratio = mine["rate"] / best[1]
+        peer = summary[case][best[0]]
         out.append((f"≥ 5x the best peer, {what}",
                     f"{ratio:.1f}x ({_num(mine['rate'])} vs {LABEL[best[0]]} "
-                    f"{_num(best[1])}/s)", ratio >= 5))
+                    f"{_num(best[1])}/s); per CPU-second "
+                    f"{mine['rate_cpu'] / peer['rate_cpu']:.1f}x", ratio >= 5))
     crash = _cell(summary, "crash", "wakepoint")
     if crash and "reran_completed_all" in crash:
         reruns = crash["reran_completed_all"]
@@ -215,8 +217,15 @@ def write_results(path: Path, summary: Summary, meta: dict[str, Any]) -> None:
         v = meta["versions"].get(system)
         if v is None:
             continue
-        pkgs = ", ".join(f"{k} {val}" for k, val in v.items() if k != "python")
+        pkgs = ", ".join(f"{k} {val}" for k, val in v.items() if k not in ("python", "all"))
         lines.append(f"| {LABEL[system]} | {v.get('python', '?')} | {pkgs} |")
+    lines += ["", "<details><summary>Every installed distribution, per venv</summary>", ""]
+    for system in ORDER:
+        every = meta["versions"].get(system, {}).get("all")
+        if every:
+            lines.append(f"- **{LABEL[system]}**: " +
+                         ", ".join(f"{k} {val}" for k, val in every.items()))
+    lines += ["", "</details>"]
     sizes = meta["sizes"]
     lines += [
         "",
@@ -301,9 +310,12 @@ def write_results(path: Path, summary: Summary, meta: dict[str, Any]) -> None:
         cols = []
         for case in cases:
             cell = _cell(summary, case, system)
-            cols.append(f"{cell['maxrss_kb'] / 1024:.0f}" if cell and "maxrss_kb" in cell
-                        else "-")
-        if any(c != "-" for c in cols):
+            if cell and "unsupported" in cell:
+                cols.append("n/a")
+            else:
+                cols.append(f"{cell['maxrss_kb'] / 1024:.0f}" if cell and "maxrss_kb" in cell
+                            else "-")
+        if any(c not in ("-", "n/a") for c in cols):
             lines.append(f"| {LABEL[system]} | " + " | ".join(cols) + " |")
     lines += ["", "(Includes each interpreter and its imports: a system's floor is its "
               "import footprint.)", ""]
@@ -346,8 +358,9 @@ def update_readme(readme: Path, block: str) -> None:
 
 def plot(plotter: System, summary: Summary, out: Path, runs: int) -> None:
     """Draw ``out`` (steps/s per system and store) with the plotting venv's matplotlib."""
-    data = {case: {s: c["rate"] for s, c in summary.get(case, {}).items() if "rate" in c}
-            for case in ("linear/memory", "linear/sqlite", "linear/jsonl")}
+    data = {f"{case}{suffix}": {s: c[key] for s, c in summary.get(case, {}).items() if key in c}
+            for case in ("linear/memory", "linear/sqlite", "linear/jsonl")
+            for key, suffix in (("rate", ""), ("rate_cpu", "/cpu"))}
     done = subprocess.run(
         [str(plotter.python), str(plotter.script), str(out)],
         input=json.dumps({"data": data, "order": ORDER, "labels": LABEL, "runs": runs}),

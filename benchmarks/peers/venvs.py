@@ -16,6 +16,7 @@ import sys
 import venv
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent.parent
 REPO = BENCH_DIR.parent
@@ -109,19 +110,20 @@ for name in sys.argv[1:]:
         out[name] = m.version(name)
     except m.PackageNotFoundError:
         out[name] = None
+out["all"] = dict(sorted((d.metadata["Name"].lower(), d.version) for d in m.distributions()))
 print(json.dumps(out))
 """
 
 
-def versions(system: System) -> dict[str, str | None]:
-    """The Python and distribution versions installed in ``system``'s interpreter."""
+def versions(system: System) -> dict[str, Any]:
+    """Python's version, the key distributions' versions, and under ``all`` every one."""
     done = subprocess.run(
         [str(system.python), "-c", _PROBE, *system.distributions],
         capture_output=True, text=True, check=False,
     )
     if done.returncode != 0:
         return {"error": done.stderr.strip()[-500:]}
-    result: dict[str, str | None] = json.loads(done.stdout)
+    result: dict[str, Any] = json.loads(done.stdout)
     return result
 
 
