@@ -46,7 +46,8 @@ def wakepoint_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture
 def finished_run(tmp_path: Path) -> tuple[Path, str]:
-    """A JSONL store (the embedded default layout) holding one completed run of 4 records."""
+    """A JSONL store (the embedded default layout) holding one completed run of 5 records
+    (four transitions and the seal)."""
     home = tmp_path / "store"
     with Runtime(workflows=[approval], home=home) as rt:
         state = rt.start(approval, run_id="r1")
@@ -76,11 +77,12 @@ def test_usage_errors_exit_2(tmp_path: Path, args: tuple[str, ...]) -> None:
 
 
 def test_verify_chain_ok(finished_run: tuple[Path, str], tmp_path: Path) -> None:
-    """A good chain verifies with the store's own key file: ``ok: 4 records``, exit 0."""
+    """A good chain verifies with the store's own key file: ``ok: 5 records`` (four
+    transitions and the seal), exit 0."""
     home, run_id = finished_run
     proc = wakepoint_cli("ledger", "verify-chain", run_id, "--store", f"jsonl:{home}",
                          cwd=tmp_path)
-    assert (proc.returncode, proc.stdout.strip()) == (0, "ok: 4 records"), proc.stderr
+    assert (proc.returncode, proc.stdout.strip()) == (0, "ok: 5 records"), proc.stderr
 
 
 def test_verify_chain_with_another_key_fails(finished_run: tuple[Path, str],
@@ -104,7 +106,7 @@ def test_verify_chain_reports_a_forged_record(finished_run: tuple[Path, str],
     signer = Signer.load(home / "signer.key")
     store = JsonlStore(home)
     state = store.load(run_id)
-    last = store.ledger(run_id)[-1]  # a real body to borrow digests from
+    last = store.ledger(run_id)[-2]  # a real node record (before the seal) to borrow from
     body = msgspec.json.decode(last.body)
     entry = Entry(kind="node.stepped", node=body["node"], state=body["state"])
     new_state, records = sign_entries(
@@ -117,7 +119,7 @@ def test_verify_chain_reports_a_forged_record(finished_run: tuple[Path, str],
     proc = wakepoint_cli("ledger", "verify-chain", run_id, "--store", f"jsonl:{home}",
                          cwd=tmp_path)
     assert proc.returncode == 1
-    assert "bad_signature" in proc.stderr and "seq 4" in proc.stderr, proc.stderr
+    assert "bad_signature" in proc.stderr and "seq 5" in proc.stderr, proc.stderr
 
 
 def test_verify_chain_unknown_run(finished_run: tuple[Path, str], tmp_path: Path) -> None:
@@ -213,8 +215,8 @@ def trusted_run(finished_run: tuple[Path, str], tmp_path: Path) -> tuple[Path, P
 def test_keys_trust_then_ledger_verify_ok(trusted_run: tuple[Path, Path],
                                           tmp_path: Path) -> None:
     """A trust root exported from the store's key and log id verifies the ledger the runtime
-    wrote: exit 0, an ``OK`` summary counting the 4 records under the store's key, even though
-    the finished run has no ``run.sealed`` record (the CLI does not require seals yet)."""
+    wrote: exit 0, an ``OK`` summary counting the 5 records (the last is ``run.sealed``)
+    under the store's key."""
     home, trust = trusted_run
     doc = json.loads(trust.read_text())
     key_id = Signer.load(home / "signer.key").key_id
@@ -222,8 +224,8 @@ def test_keys_trust_then_ledger_verify_ok(trusted_run: tuple[Path, Path],
     assert [k["key_id"] for k in doc["keys"]] == [key_id]
     proc = wakepoint_cli("ledger", "verify", str(home), "--trust", str(trust), cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.startswith(f"OK: {home} (full mode, 4 records in 1 runs")
-    assert f"{key_id}  4" in proc.stdout
+    assert proc.stdout.startswith(f"OK: {home} (full mode, 5 records in 1 runs")
+    assert f"{key_id}  5" in proc.stdout
     # The same export to standard output, with the log id given instead of read.
     printed = wakepoint_cli("keys", "trust", "--key", str(home / "signer.key"),
                             "--log-id", doc["log_id"], cwd=tmp_path)
@@ -239,7 +241,7 @@ def test_ledger_verify_json(trusted_run: tuple[Path, Path], tmp_path: Path) -> N
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["ok"] is True and report["error"] is None
-    assert (report["mode"], report["records"], report["runs"]) == ("chain", 4, 1)
+    assert (report["mode"], report["records"], report["runs"]) == ("chain", 5, 1)
 
 
 def test_ledger_verify_tampered_payload(trusted_run: tuple[Path, Path], tmp_path: Path) -> None:
@@ -467,15 +469,16 @@ def test_terminal_session_pause_list_respond_verify(session: Path) -> None:
     assert timeline.returncode == 0, timeline.stderr
     lines = timeline.stdout.splitlines()
     assert lines[0].split()[:3] == ["SEQ", "TIME", "KIND"]
-    assert [line.split()[0] for line in lines[1:]] == ["0", "1", "2", "3"]
+    assert [line.split()[0] for line in lines[1:]] == ["0", "1", "2", "3", "4"]
     kinds = [line.split()[3] for line in lines[1:]]
-    assert kinds == ["run.started", "effect.requested", "wait.resumed", "run.completed"]
+    assert kinds == ["run.started", "effect.requested", "wait.resumed", "run.completed",
+                     "run.sealed"]
     key_id = Signer.load(session / ".wakepoint" / "signer.key").key_id
     assert all(line.endswith(key_id) for line in lines[1:])
 
     verified = wakepoint_cli("ledger", "verify-chain", "rel-1", "--store", "jsonl:.wakepoint",
                              cwd=session)
-    assert (verified.returncode, verified.stdout.strip()) == (0, "ok: 4 records")
+    assert (verified.returncode, verified.stdout.strip()) == (0, "ok: 5 records")
 
 
 def test_send_resumes_an_event_waiting_run(session: Path) -> None:
@@ -545,8 +548,8 @@ def test_json_outputs_parse(session: Path) -> None:
     assert done_state["output"] == {"answer": "hold", "input": None}
     records = json.loads(wakepoint_cli("runs", "timeline", "j1", "--store", store, "--json",
                                        cwd=session).stdout)
-    assert [r["seq"] for r in records] == [0, 1, 2, 3]
-    assert records[0]["kind"] == "run.started" and records[-1]["kind"] == "run.completed"
+    assert [r["seq"] for r in records] == [0, 1, 2, 3, 4]
+    assert records[0]["kind"] == "run.started" and records[-1]["kind"] == "run.sealed"
     assert all(r["key_id"].startswith("ed25519:") for r in records)
 
 

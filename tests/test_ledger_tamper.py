@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib: tests/ is not on it
 from ledger_fixtures import Ledger, interleaved
+from wakepoint.kernel.codec import encode_state
 from wakepoint.ledger.keys import Signer
 from wakepoint.ledger.logindex import INDEX_FILE, make_checkpoint, read_leaves
 from wakepoint.ledger.records import pae, record_hash
@@ -147,16 +148,16 @@ def test_resigned_with_revoked_key_is_key_not_valid(led: Ledger) -> None:
     """The last record rewritten by a trusted key revoked before its position (index rebuilt
     to match): caught at that record's position in the global order."""
     def fn(doc: dict) -> None:  # type: ignore[type-arg]
-        env = doc["records"][0]
+        env = doc["records"][-1]
         body = body_of(env).replace(led.signer.key_id.encode(), MALLORY.key_id.encode())
         set_body(env, body, MALLORY)
-    edit_line(led.path, "run-1", 4, fn, fix_state=True)
+    edit_line(led.path, "run-1", 3, fn, fix_state=True)
     reindex(led.path)
     trust = TrustRoot([*led.trust().keys.values(),
                        TrustedKey(key_id=MALLORY.key_id, public=MALLORY.public, revoked_at=5)],
                       log_id=led.log_id)
     report = verify(led.path, trust)
-    check(report, "key_not_valid", "runs/run-1.jsonl:4#0")
+    check(report, "key_not_valid", "runs/run-1.jsonl:3#2")
     assert report.error is not None and report.error.position == 14
 
 
@@ -227,9 +228,19 @@ def test_truncated_head_is_seq_gap(led: Ledger) -> None:
 
 
 def test_truncated_tail_of_finished_run_is_missing_seal(led: Ledger) -> None:
-    """The seal cut off a finished run (and its index entry and the checkpoint)."""
+    """The seal cut off a finished run (the last record of its last line, the line's state
+    pointed back at the completion, as a careful forger would; its index entry and the
+    checkpoint too)."""
     path = run_file(led.path, "run-1")
-    write_lines(path, lines(path)[:-1])
+    all_lines = lines(path)
+    head, _, state = all_lines[-1].partition(b',"state":')
+    doc = msgspec.json.decode(head + b"}")
+    seal = doc["records"].pop()
+    completed = record_hash(body_of(doc["records"][-1]))
+    state = state.replace(b'"seq":5,"head":"%s"}' % record_hash(body_of(seal)).encode(),
+                          b'"seq":4,"head":"%s"}' % completed.encode())
+    all_lines[-1] = enc.encode(doc)[:-1] + b',"state":' + state
+    write_lines(path, all_lines)
     reindex(led.path)
     check(verify(led.path, led.trust()), "missing_seal", "runs/run-1.jsonl:3")
 
@@ -237,19 +248,19 @@ def test_truncated_tail_of_finished_run_is_missing_seal(led: Ledger) -> None:
 def test_truncated_tail_under_a_checkpoint_is_behind_checkpoint(led: Ledger) -> None:
     """Records a stored checkpoint covers are gone from the run and the index."""
     path = run_file(led.path, "run-0")
-    write_lines(path, lines(path)[:-2])  # no completion, no seal: a run that looks unfinished
+    write_lines(path, lines(path)[:-1])  # no completion, no seal: a run that looks unfinished
     index = lines(led.path / INDEX_FILE)
-    write_lines(led.path / INDEX_FILE, index[:10] + index[12:])
+    write_lines(led.path / INDEX_FILE, index[:8] + index[9:])
     report = verify(led.path, led.trust())
-    check(report, "behind_checkpoint", "index.jsonl:11")
+    check(report, "behind_checkpoint", "index.jsonl:9")
 
 
 def test_rollback_against_the_anchor(led: Ledger) -> None:
     """The auditor holds the checkpoint of 18 records; the ledger is restored to 15."""
     anchor = msgspec.json.decode(lines(led.path / INDEX_FILE)[-1])["checkpoint"]
     path = run_file(led.path, "run-0")
-    write_lines(path, lines(path)[:-2])
-    write_lines(led.path / INDEX_FILE, lines(led.path / INDEX_FILE)[:10])
+    write_lines(path, lines(path)[:-1])
+    write_lines(led.path / INDEX_FILE, lines(led.path / INDEX_FILE)[:8])
     assert verify(led.path, led.trust()).ok  # without the anchor nothing is wrong
     check(verify(led.path, led.trust(), anchor=anchor), "rollback", "anchor")
 
@@ -260,11 +271,11 @@ def test_rewritten_suffix_by_key_holder_is_root_mismatch(led: Ledger) -> None:
     anchor = msgspec.json.decode(lines(led.path / INDEX_FILE)[-1])["checkpoint"]
 
     def fn(doc: dict) -> None:  # type: ignore[type-arg]
-        env = doc["records"][0]
+        env = doc["records"][-1]
         set_body(env, body_of(env).replace(b"T00:00:", b"T09:00:"), led.signer)
-    edit_line(led.path, "run-0", 4, fn, fix_state=True)
+    edit_line(led.path, "run-0", 3, fn, fix_state=True)
     reindex(led.path, keep_checkpoints=True)
-    check(verify(led.path, led.trust()), "root_mismatch", "index.jsonl:13")
+    check(verify(led.path, led.trust()), "root_mismatch", "index.jsonl:10")
     reindex(led.path)
     assert verify(led.path, led.trust()).ok
     check(verify(led.path, led.trust(), anchor=anchor), "root_mismatch", "anchor")
@@ -276,11 +287,11 @@ def test_checkpoint_forgery(led: Ledger) -> None:
     note = msgspec.json.decode(index[-1])["checkpoint"]
     index[-1] = enc.encode({"checkpoint": note.replace("\n18\n", "\n17\n")})
     write_lines(led.path / INDEX_FILE, index)
-    check(verify(led.path, led.trust()), "bad_signature", "index.jsonl:13")
+    check(verify(led.path, led.trust()), "bad_signature", "index.jsonl:10")
     forged = make_checkpoint(led.log_id, read_leaves(led.path), MALLORY)
     index[-1] = enc.encode({"checkpoint": forged})
     write_lines(led.path / INDEX_FILE, index)
-    check(verify(led.path, led.trust()), "unknown_key", "index.jsonl:13")
+    check(verify(led.path, led.trust()), "unknown_key", "index.jsonl:10")
 
 
 def test_split_view_is_equivocation(led: Ledger) -> None:
@@ -289,9 +300,9 @@ def test_split_view_is_equivocation(led: Ledger) -> None:
     anchor = msgspec.json.decode(lines(led.path / INDEX_FILE)[-1])["checkpoint"]
 
     def fn(doc: dict) -> None:  # type: ignore[type-arg]
-        env = doc["records"][0]
+        env = doc["records"][-1]
         set_body(env, body_of(env).replace(b"T00:00:", b"T09:00:"), led.signer)
-    edit_line(led.path, "run-0", 4, fn, fix_state=True)
+    edit_line(led.path, "run-0", 3, fn, fix_state=True)
     reindex(led.path, keep_checkpoints=True)
     index = lines(led.path / INDEX_FILE)
     write_lines(led.path / INDEX_FILE, index[:-1])
@@ -299,7 +310,7 @@ def test_split_view_is_equivocation(led: Ledger) -> None:
     check(verify(led.path, led.trust(), anchor=anchor), "equivocation", "anchor")
     write_lines(led.path / INDEX_FILE, [*lines(led.path / INDEX_FILE),
                                         enc.encode({"checkpoint": anchor})])
-    check(verify(led.path, led.trust()), "equivocation", "index.jsonl:14")
+    check(verify(led.path, led.trust()), "equivocation", "index.jsonl:11")
 
 
 def test_checkpoint_going_backwards_is_rollback(led: Ledger) -> None:
@@ -307,7 +318,7 @@ def test_checkpoint_going_backwards_is_rollback(led: Ledger) -> None:
     older = make_checkpoint(led.log_id, read_leaves(led.path)[:10], led.signer)
     write_lines(led.path / INDEX_FILE, [*lines(led.path / INDEX_FILE),
                                         enc.encode({"checkpoint": older})])
-    check(verify(led.path, led.trust()), "rollback", "index.jsonl:14")
+    check(verify(led.path, led.trust()), "rollback", "index.jsonl:11")
 
 
 def test_rotation_signed_by_one_key_is_unauthorized(tmp_path: Path) -> None:
@@ -344,7 +355,7 @@ def test_record_after_seal_is_state_violation(led: Ledger) -> None:
     led2.rt = type(led.rt)(led2.store, signer=led.signer)
     led2.seal("run-1")
     led2.close()
-    check(verify(led.path, led.trust()), "state_violation", "runs/run-1.jsonl:5#0")
+    check(verify(led.path, led.trust()), "state_violation", "runs/run-1.jsonl:4#0")
 
 
 def test_edited_state_is_state_mismatch(led: Ledger) -> None:
@@ -383,9 +394,13 @@ def test_unindexed_record_is_index_mismatch(tmp_path: Path) -> None:
     led.close()
     store = JsonlStore(led.path, durability="none")
     old = store.load("r")
-    state, rec = rotation_record(led.signer, MALLORY, led.log_id, old, old.updated_at)
-    store.commit("r", old.seq, state, [rec])
     store.close()
+    state, rec = rotation_record(led.signer, MALLORY, led.log_id, old, old.updated_at)
+    # Appended to the run file directly, in the store's exact line form: the store itself
+    # would index it.
+    with run_file(led.path, "r").open("ab") as f:
+        f.write(b'{"records":%s,"state":%s}\n' % (enc.encode([rec.envelope()]),
+                                                   encode_state(state)))
     check(verify(led.path, led.trust(led.signer, MALLORY)), "index_mismatch",
           "runs/r.jsonl:3#0")
 
@@ -395,7 +410,7 @@ def test_torn_last_line_is_a_crash(led: Ledger) -> None:
     path = run_file(led.path, "run-1")
     path.write_bytes(path.read_bytes() + b'{"records":[{"payloa')
     report = verify(led.path, led.trust())
-    check(report, "incomplete_tail_write", "runs/run-1.jsonl:5")
+    check(report, "incomplete_tail_write", "runs/run-1.jsonl:4")
     assert report.crash and report.records == 18
 
 

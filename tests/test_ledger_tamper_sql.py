@@ -8,9 +8,8 @@ write access to the database would.  Rows are named ``row <position>``.  Positio
 from 1, so a deleted row leaves a hole: the per-run checks name a deletion inside a run more
 precisely (``seq_gap`` at the run's next row); the hole itself (``index_mismatch``) decides
 only when nothing else shows it.  What ``wp_records`` cannot express is covered on JSONL
-(``test_ledger_tamper.py``): lines and their states, the index file; checkpoint forgery and
-split views need stored checkpoints, which ``wp_checkpoints`` (migration 0002) brings - here
-the auditor's anchor plays that part.
+(``test_ledger_tamper.py``): lines and their states, the index file.  Checkpoint forgery and
+split views use ``wp_checkpoints`` (migration 0002) and the auditor's anchor.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ import sqlalchemy
 from sqlalchemy import text
 
 sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib: tests/ is not on it
-from ledger_fixtures import T0, workflow
+from ledger_fixtures import T0, sealed, workflow
 from wakepoint import Runtime
 from wakepoint.kernel import transitions as kernel
 from wakepoint.ledger.keys import Signer
@@ -58,11 +57,19 @@ class SqlLedger:
             rt.start("audit", 1, run_id=name)
         for name in reversed(names):
             rt.send_event(f"go:{name}")
-            old = store.load(name)
-            state, rec = seal_record(KEY, self.log_id, old, T0 + timedelta(seconds=next(ticks)))
-            store.commit(name, old.seq, state, [rec])
+            if not sealed(store, name):  # a runtime that seals by itself has done so
+                old = store.load(name)
+                state, rec = seal_record(KEY, self.log_id, old,
+                                         T0 + timedelta(seconds=next(ticks)))
+                store.commit(name, old.seq, state, [rec])
         rt.close()
         self.engine = sqlalchemy.create_engine(url)
+        # Exactly one stored checkpoint, of the whole ledger (the runtime writes its own on
+        # timers, which would make the positions below vary).
+        self.sql("DELETE FROM wp_checkpoints")
+        store = open_store(url, durability="none")
+        self.stored = store.checkpoint(KEY)  # type: ignore[attr-defined]
+        store.close()
         self.trust = TrustRoot.from_signers([KEY], log_id=self.log_id)
         self.leaves = [bytes.fromhex(r.record_hash) for r in self.rows()]
         self.anchor = make_checkpoint(self.log_id, self.leaves, KEY)
@@ -111,7 +118,10 @@ def led(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlLedger]:
     ledger = SqlLedger(url)
     report = ledger.verify(anchor=ledger.anchor)
     assert report.ok, report.error
-    assert (report.records, report.runs) == (18, 3)
+    assert (report.records, report.runs, report.uncovered) == (18, 3, 0)
+    assert ledger.stored == ledger.anchor  # the store's checkpoint is the auditor's anchor
+    stored = ledger.verify().checkpoint
+    assert stored is not None and stored.where == "wp_checkpoints size=18"
     yield ledger
     ledger.engine.dispose()
     if request.param == "postgresql":
@@ -192,6 +202,8 @@ def test_reordered_runs_break_the_anchor(led: SqlLedger) -> None:
     led.sql("UPDATE wp_records SET position = :a WHERE position = :b", a=a.position,
             b=b.position)
     led.sql("UPDATE wp_records SET position = :b WHERE position = -1", b=b.position)
+    check(led.verify(), "root_mismatch", "wp_checkpoints size=18")
+    led.sql("DELETE FROM wp_checkpoints")
     assert led.verify().ok
     check(led.verify(anchor=led.anchor), "root_mismatch", "anchor")
 
@@ -240,20 +252,43 @@ def test_truncated_head_is_seq_gap(led: SqlLedger) -> None:
 
 def test_truncated_tail(led: SqlLedger) -> None:
     """The last row (a seal) gone: ``missing_seal`` at the finished run's last row; without
-    seals required, the anchor the auditor holds shows the rollback."""
+    seals required, the stored checkpoint is ``behind_checkpoint``; with that gone too, the
+    anchor the auditor holds shows the rollback."""
     last = led.rows()[-1]
     led.sql("DELETE FROM wp_records WHERE position = :p", p=last.position)
     check(led.verify(), "missing_seal", last.position - 1)
+    check(led.verify(require_seals=False), "behind_checkpoint", "wp_checkpoints size=18")
+    led.sql("DELETE FROM wp_checkpoints")
     check(led.verify(require_seals=False, anchor=led.anchor), "rollback", "anchor")
 
 
 def test_rewritten_suffix_by_key_holder_is_root_mismatch(led: SqlLedger) -> None:
-    """An insider with the signing key rewrites the last record and re-signs it: only the
-    anchor (a checkpoint held outside the writer's reach) shows it."""
+    """An insider with the signing key rewrites the last record and re-signs it: the stored
+    checkpoint shows it; deleted, the anchor (held outside the writer's reach) does; and a
+    fresh checkpoint the insider signs over the rewritten history is a split view."""
     last = led.rows()[-1]
     led.replace(last.run_id, last.seq, last.body.replace(b"T00:00:", b"T09:00:"), KEY)
+    check(led.verify(), "root_mismatch", "wp_checkpoints size=18")
+    led.sql("DELETE FROM wp_checkpoints")
     assert led.verify().ok
     check(led.verify(anchor=led.anchor), "root_mismatch", "anchor")
+    forged = make_checkpoint(led.log_id, [bytes.fromhex(r.record_hash) for r in led.rows()],
+                             KEY)
+    led.sql("INSERT INTO wp_checkpoints (size, checkpoint, created_at) VALUES (18, :c, 0)",
+            c=forged)
+    assert led.verify().ok
+    check(led.verify(anchor=led.anchor), "equivocation", "anchor")
+
+
+def test_checkpoint_forgery(led: SqlLedger) -> None:
+    """A stored checkpoint whose size was edited (its signature breaks), or one signed by
+    an untrusted key."""
+    led.sql("UPDATE wp_checkpoints SET checkpoint = :c WHERE size = 18",
+            c=led.stored.replace("\n18\n", "\n17\n"))
+    check(led.verify(), "bad_signature", "wp_checkpoints size=18")
+    led.sql("UPDATE wp_checkpoints SET checkpoint = :c WHERE size = 18",
+            c=make_checkpoint(led.log_id, led.leaves, MALLORY))
+    check(led.verify(), "unknown_key", "wp_checkpoints size=18")
 
 
 def test_chain_mode_on_sql(led: SqlLedger) -> None:
@@ -283,6 +318,9 @@ def test_rotation_signed_by_one_key_is_unauthorized(led: SqlLedger) -> None:
     state, rec = rotation_record(KEY, new, led.log_id, old, T0)
     store.commit("run-3", old.seq, state, [rec])
     rt.close()
+    # The runtime above still held the old key when it checkpointed at close; the runtime of
+    # a rotated key file would have signed with the new one.  Keep the fixture's checkpoint.
+    led.sql("DELETE FROM wp_checkpoints WHERE size > 18")
     at = len(led.leaves) + 3  # run-3's three records, then the hand-over
     trust = led.trust.rotate(KEY.key_id, new, at)
     row = led.position("run-3", 3)
