@@ -72,6 +72,7 @@ from .kernel.types import (
 from .kernel.workflow import Workflow
 from .ledger.keys import Signer
 from .ledger.records import Record, sign_entries, verify_chain
+from .ledger.rotation import rotation_record, seal_record
 from .stores import MemoryStore, open_store
 from .stores.base import Durability, Store
 
@@ -82,6 +83,11 @@ _RETRIES = 3
 _Work: TypeAlias = tuple[RunState | None, Transition | None]
 """A queued drive: the run's last committed state (None: not created) and a pending input."""
 _KEY_FILE = "signer.key"
+_CHECKPOINT_MIN_INTERVAL = 0.5
+"""Seconds: a run's end makes a checkpoint due only this long after the previous one, so a
+stream of short runs costs a checkpoint per interval, not one per run."""
+_KEY_CACHE = 100_000
+"""Runs whose last signing key the runtime remembers (only after a key rotation)."""
 
 
 def utc_now() -> datetime:
@@ -100,6 +106,9 @@ class Runtime:
     ``functions`` maps ``call`` names to callables; ``handlers`` adds effect kinds or
     overrides built-ins.  ``clock``, ``sleep`` and ``rand`` are injectable for tests.
     ``on_due`` is told every new wait deadline (an alarm clock re-arms on it).
+    ``checkpoint_records`` / ``checkpoint_seconds``: how often a signed checkpoint of the
+    store's global record order is written (stores with ``checkpoint``); a run's end and
+    ``close()`` write one too.
     """
 
     def __init__(
@@ -116,6 +125,8 @@ class Runtime:
         sleep: Callable[[float], None] = time.sleep,
         rand: Callable[[], float] = random.random,
         on_due: Callable[[datetime], None] | None = None,
+        checkpoint_records: int = 1000,
+        checkpoint_seconds: float = 5.0,
     ) -> None:
         if store is None:
             store = f"jsonl:{home}"
@@ -142,6 +153,17 @@ class Runtime:
         """Called with the deadline of every committed wait that has one (after the commit),
         so that an alarm clock can re-arm when this process creates an earlier timer.  It runs
         on the committing thread and must be quick and never raise."""
+        # Checkpoints (stores that keep them): every ``checkpoint_records`` records this
+        # runtime commits, every ``checkpoint_seconds`` while it commits, at the end of a run
+        # (at most one per _CHECKPOINT_MIN_INTERVAL), and at close().
+        self._checkpoint_fn: Callable[[Signer], str] | None = getattr(
+            store, "checkpoint", None)
+        self._cp_records = checkpoint_records
+        self._cp_seconds = checkpoint_seconds
+        self._cp_last = time.monotonic()
+        self._cp_pending = 0  # records committed since the last checkpoint
+        self._cp_lock = threading.Lock()
+        self._last_key: dict[str, tuple[int, str]] = {}  # run id -> (seq, key) after a rotation
         for wf in workflows:
             self.register(wf)
 
@@ -219,8 +241,12 @@ class Runtime:
         with self._lock:
             for attempt in range(_RETRIES):
                 state = self.store.load(run_id)
-                tr = kernel.resume(self.workflow(state.workflow), state, key, payload,
-                                   self.clock())
+                wf = self.workflow(state.workflow)
+                try:
+                    state = self._handover(state)
+                except ConflictError:
+                    continue  # moved meanwhile: reload
+                tr = kernel.resume(wf, state, key, payload, self.clock())
                 queue: deque[_Work] = deque()
                 try:
                     final = self._advance((state, tr), queue, strict=True)
@@ -301,7 +327,8 @@ class Runtime:
 
     def verify(self, run_id: str) -> int:
         """Verify the run's chain with this runtime's key; ``ChainError`` names the bad record."""
-        return verify_chain(self.store.ledger(run_id), self.signer)
+        keys = {k.key_id: k.verify_key for k in (self.signer, *self.signer.previous)}
+        return verify_chain(self.store.ledger(run_id), keys)
 
     def recover(self) -> builtins.list[RunState]:
         """Continue everything a crash may have interrupted; return the states touched.
@@ -315,6 +342,9 @@ class Runtime:
         be handling the same runs (the worker's leases make that safe with several processes).
         """
         with self._lock:
+            repair = getattr(self.store, "repair_index", None)
+            if repair is not None:
+                repair()  # commits a crash left out of the store's global order
             now = self.clock()
             queue: deque[_Work] = deque()
             touched: builtins.list[str] = []
@@ -340,10 +370,11 @@ class Runtime:
 
     def _recover_waiting(self, state: RunState, now: datetime, queue: deque[_Work]) -> bool:
         """Recover one WAITING run; whether there was anything to do."""
-        wait = state.wait
-        assert wait is not None
         if self._cascade_cancel(state):
             return True
+        state = self._handover(state)
+        wait = state.wait
+        assert wait is not None
         if wait.deadline is not None and wait.deadline <= now:
             queue.append((state, kernel.timeout(state, now)))
         elif wait.kind == "effect" and wait.effect is not None:
@@ -414,11 +445,15 @@ class Runtime:
         """Fire every timer and deadline that is due at ``now``; return the runs' new states."""
         with self._lock:
             now = now or self.clock()
-            queue: deque[_Work] = deque(
-                (state, kernel.timeout(state, now))
-                for state in self.store.list(status=Status.WAITING, due_before=now)
-                if self._serves(state)
-            )
+            queue: deque[_Work] = deque()
+            for due in self.store.list(status=Status.WAITING, due_before=now):
+                if not self._serves(due):
+                    continue
+                try:
+                    state = self._handover(due)
+                except ConflictError:
+                    continue  # another process got there first
+                queue.append((state, kernel.timeout(state, now)))
             woken = [state.run_id for state, _ in queue if state is not None]
             # Tolerant: a run another process woke first conflicts and is left to it.
             self._run_queue(queue, tolerant=True)
@@ -433,7 +468,9 @@ class Runtime:
         return min(deadlines, default=None)
 
     def close(self) -> None:
-        """Flush and close the store."""
+        """Write a last checkpoint (when records are uncovered), flush and close the store."""
+        if self._cp_pending > 0:
+            self._checkpoint_quietly()
         self.store.close()
 
     def __enter__(self) -> Runtime:
@@ -455,6 +492,11 @@ class Runtime:
             prev_seq=tr.state.seq, prev_head=tr.state.head,
         )
         records.extend(new)
+        if state.status.finished:
+            # A finished run's chain ends with ``run.sealed``, in the same commit as the
+            # transition that finished it, so no crash can leave it unsealed.
+            state, seal = seal_record(self.signer, self.store.log_id, state, state.updated_at)
+            records.append(seal)
         return state
 
     def _store(
@@ -465,9 +507,87 @@ class Runtime:
             self.store.create(state, records)
         else:
             self.store.commit(state.run_id, committed.seq, state, records)
+        if self.signer.previous:
+            self._remember_key(state)
         wait = state.wait
         if self.on_due is not None and wait is not None and wait.deadline is not None:
             self.on_due(wait.deadline)
+        if self._checkpoint_fn is not None:
+            self._cp_pending += len(records)
+            elapsed = time.monotonic() - self._cp_last
+            if self._cp_pending >= self._cp_records or elapsed >= self._cp_seconds or (
+                state.status.finished and elapsed >= _CHECKPOINT_MIN_INTERVAL
+            ):
+                self._checkpoint_quietly()
+
+    # --- checkpoints and key hand-over -------------------------------------------------------
+
+    def checkpoint(self) -> str | None:
+        """Sign and store a checkpoint of the store's whole ledger now; return its note.
+
+        None when the store keeps no checkpoints.  The runtime also writes them by itself
+        (see ``checkpoint_records`` / ``checkpoint_seconds``); an auditor exports the latest
+        with ``wakepoint ledger checkpoint --export FILE``.
+        """
+        fn = self._checkpoint_fn
+        if fn is None:
+            return None
+        with self._cp_lock:
+            pending = self._cp_pending
+            note = fn(self.signer)
+            self._cp_pending -= pending  # records committed meanwhile stay pending
+            self._cp_last = time.monotonic()
+            return note
+
+    def _checkpoint_quietly(self) -> None:
+        # After a commit that returned: a failed checkpoint must not look like a failed
+        # transition to the caller.  The next due point (or close) tries again.
+        if not self._cp_lock.acquire(blocking=False):
+            return  # another thread is writing one right now
+        self._cp_lock.release()
+        try:
+            self.checkpoint()
+        except Exception as exc:
+            self._log.error("checkpoint.failed", error=str(exc))
+
+    def _remember_key(self, state: RunState) -> None:
+        if len(self._last_key) >= _KEY_CACHE:
+            self._last_key.clear()
+        self._last_key[state.run_id] = (state.seq, self.signer.key_id)
+
+    def _chain_key(self, state: RunState) -> str:
+        """The key the run's chain is currently in the hands of (its last record's signer;
+        for a ``key.rotated`` record, the key it handed over to)."""
+        cached = self._last_key.get(state.run_id)
+        if cached is not None and cached[0] == state.seq:
+            return cached[1]
+        last = self.store.ledger(state.run_id)[-1]
+        return last.cosigs[-1].keyid if last.cosigs else last.key_id
+
+    def _handover(self, state: RunState) -> RunState:
+        """Before this runtime's key signs onto a run whose chain a previous key of its
+        signer (``Signer.previous``, after ``wakepoint keys rotate``) signed last, commit a
+        ``key.rotated`` record signed by both; return the state to go on from.
+
+        Runs are handed over lazily, when next written, so a rotation costs nothing up
+        front; a chain in the hands of a key this signer never held is left as it is (the
+        verifier judges it).  ``ConflictError`` when another writer moved the run first.
+        """
+        if not self.signer.previous or state.seq < 0 or state.status.finished:
+            return state
+        held_by = self._chain_key(state)
+        if held_by == self.signer.key_id:
+            return state
+        old = next((k for k in self.signer.previous if k.key_id == held_by), None)
+        if old is None:
+            return state
+        new, record = rotation_record(old, self.signer, self.store.log_id, state,
+                                      self.clock())
+        self.store.commit(state.run_id, state.seq, new, [record])
+        self._remember_key(new)
+        self._log.info("key.rotated", run_id=state.run_id, workflow=state.workflow,
+                       old=old.key_id, new=self.signer.key_id)
+        return new
 
     def _commit(self, old: RunState, tr: Transition) -> RunState:
         records: builtins.list[Record] = []
@@ -478,13 +598,12 @@ class Runtime:
     def _apply(self, run_id: str, make: Callable[[RunState], Transition]) -> RunState:
         """Load, transition and commit, retrying on a lost race (the input is re-checked)."""
         for _ in range(_RETRIES - 1):
-            state = self.store.load(run_id)
-            tr = make(state)
             try:
-                return self._commit(state, tr)
+                state = self._handover(self.store.load(run_id))
+                return self._commit(state, make(state))
             except ConflictError:
                 continue
-        state = self.store.load(run_id)
+        state = self._handover(self.store.load(run_id))
         return self._commit(state, make(state))
 
     def _settle(self, final: RunState | None, queue: deque[_Work], run_id: str) -> RunState:
@@ -531,6 +650,11 @@ class Runtime:
         or None when another process took the run over.
         """
         committed, pending = work
+        if pending is None and committed is not None and self.signer.previous:
+            try:
+                committed = self._handover(committed)
+            except ConflictError:
+                return None  # another process drives it
         state = pending.state if pending is not None else committed
         assert state is not None
         wf = self.workflow(state.workflow)
@@ -623,6 +747,10 @@ class Runtime:
             wait.key != child.run_id
         ):
             return  # detached child, or the parent moved on (cancelled, timed out)
+        try:
+            parent = self._handover(parent)
+        except ConflictError:
+            return  # the parent moved meanwhile: whoever moved it resumes it
         now = self.clock()
         if child.status is Status.COMPLETED:
             tr = kernel.resume(self.workflow(parent.workflow), parent, wait.key, child.output,

@@ -11,7 +11,9 @@ Layout::
     log.json             {"log_id": ...}, written once (temp file + link: first writer wins)
     runs/<name>.jsonl    one line per commit: {"records": [Envelope, ...], "state": RunState};
                          ``flock(2)`` on it is the run's inter-process lock
-    locks/               store-wide lock files (filelock)
+    index.jsonl          the global order: one line per commit {"run_id","seq","hashes"}
+                         and signed checkpoints {"checkpoint": note} (``ledger.logindex``)
+    locks/index.lock     checkpoint writers take turns on it (filelock)
     leases/<name>.json   a worker's lease: {"worker": ..., "expires": RFC 3339}
 
 ``<name>`` is the run id percent-encoded with nothing kept but ``[A-Za-z0-9_.-]`` (so ``/``,
@@ -69,6 +71,19 @@ Choices, and why:
   in a power cut only lets another worker claim the run sooner, which the at-least-once
   contract allows.  A failed background fsync is raised by the next commit, ``flush`` or
   ``close``.
+* **Global order.**  Run files say nothing about the order of records across runs, which
+  checkpoints and key validity need; ``index.jsonl`` does.  Each commit appends its run line,
+  then - still under the run's lock - its index line, with one ``write`` on a shared
+  ``O_APPEND`` fd (whole lines never interleave, between threads or processes), so the index
+  lists a record only once it is stored, and a run's records in seq order.  A writer that
+  dies between the two writes leaves its commit unindexed: the next writer of that run finds
+  out (its cached knowledge of what is indexed does not match the run's last seq; it scans
+  the index lines written since it last looked) and appends the missing lines before its
+  own, and ``repair_index()`` (run by ``Runtime.recover()``) does it for every run.  The
+  index is made durable with the run files (same group commit).  Checkpoints
+  (``checkpoint(signer)``) fold the index incrementally into a Merkle frontier; see there.
+  Limit: a power loss in ``batch`` mode may keep an index line whose run line it lost; the
+  verifier then reports that commit as missing from its run.
 * **Torn last line.**  A crash mid-write leaves a last line without ``\\n``.  Readers ignore
   it; the next writer, under the lock, truncates the file back to the last ``\\n`` before it
   appends, so its line never glues onto the garbage.  A file with no complete line at all is
@@ -109,11 +124,16 @@ from types import TracebackType
 from typing import NamedTuple
 from urllib.parse import quote, unquote
 
+import filelock
 import msgspec
 
 from ..kernel.codec import encode_state
 from ..kernel.errors import ConflictError, CorruptStore, RunExists, RunNotFound
 from ..kernel.types import RunState, Status
+from ..ledger.checkpoint import Checkpoint, origin_of, parse_checkpoint, sign_checkpoint
+from ..ledger.keys import Signer
+from ..ledger.logindex import INDEX_FILE, CheckpointLine, LeafLine
+from ..ledger.merkle import Frontier
 from ..ledger.records import Envelope, Record, from_envelope
 from .base import DURABILITIES, Durability, StoreError, check_append, matches, needs_worker
 
@@ -127,6 +147,8 @@ _BACKLOG = 4
 
 _APPEND_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC
 
+_INDEX_KEY = ""
+"""The index's key among the dirty files (keyed by run id; no run id is empty)."""
 _SYNCFS_MIN = 4
 """Dirty files in one batch from which one ``syncfs`` replaces a ``fsync`` per file."""
 
@@ -177,6 +199,8 @@ _encoder = msgspec.json.Encoder()
 _line_decoder = msgspec.json.Decoder(_Line)
 _lease_decoder = msgspec.json.Decoder(_Lease)
 _log_decoder = msgspec.json.Decoder(_LogFile)
+_leaf_decoder = msgspec.json.Decoder(LeafLine)
+_checkpoint_line_decoder = msgspec.json.Decoder(CheckpointLine)
 
 
 class _Snap(NamedTuple):
@@ -279,6 +303,14 @@ def _line_number(fd: int, offset: int) -> int:
     return count + 1
 
 
+def _leaf_line(run_id: str, records: Sequence[Record]) -> bytes:
+    """The ``index.jsonl`` line of one commit: the bytes ``logindex.leaf_line`` encodes,
+    built directly (one per commit, on the hot path)."""
+    return b'{"run_id":%s,"seq":%d,"hashes":["%s"]}\n' % (
+        _encoder.encode(run_id), records[0].seq, '","'.join(r.hash for r in records).encode()
+    )
+
+
 def _encode_line(state: RunState, records: Sequence[Record]) -> bytes:
     # Built by hand around the kernel's state encoding so the stored state is exactly the
     # bytes ``kernel.codec`` digests; equal to encoding a ``_Line``.
@@ -370,6 +402,20 @@ class JsonlStore:
         self._due = threading.Event()  # set: a batch is full or its window has passed
         self._stop = threading.Event()
         self._flusher: threading.Thread | None = None
+
+        # The store-wide index (see "Global order" in the module docstring).
+        self._index_path = str(self.path / INDEX_FILE)
+        self._index_fd: int | None = None
+        self._indexed: dict[str, int] = {}  # file name -> last seq known to be in the index
+        self._scan_offset = 0  # bytes of index.jsonl read into ``_indexed``
+        self._scan_lock = threading.Lock()
+        self._cp_lock = threading.Lock()  # this process's checkpoint writers, in turn
+        self._cp_flock: filelock.FileLock | None = None  # every process's, in turn
+        self._cp_offset = 0  # bytes of index.jsonl folded into ``_frontier``
+        self._frontier = Frontier()
+        self._cp_last: tuple[int, str] | None = None  # the last stored checkpoint seen
+        self.repaired: list[tuple[str, int, int]] = []
+        """``(run_id, first seq, last seq)`` of every index repair this instance made."""
 
     def __repr__(self) -> str:
         return f"JsonlStore({str(self.path)!r}, durability={self.durability!r})"
@@ -543,6 +589,7 @@ class JsonlStore:
         check_append(state.run_id, -1, state, records)
         self._raise_error()
         line = _encode_line(state, records)
+        leaf = _leaf_line(state.run_id, records) if records else b""
         # Under the run's lock, so that a crashed creator's empty file (no complete line) can
         # be taken over without racing a live creator that has not written its line yet: the
         # file's size is read only once the lock is ours.
@@ -559,7 +606,7 @@ class JsonlStore:
             # An empty file is (almost always) one this create's hold just made: its directory
             # entry needs an fsync in sync mode.  For a crashed creator's empty file that
             # fsync is merely redundant.
-            self._append(run, fd, snap, line, state, new_file=size == 0)
+            self._append(run, fd, snap, line, leaf, state, new_file=size == 0)
 
     def commit(
         self, run_id: str, expected_seq: int, state: RunState, records: Sequence[Record]
@@ -572,24 +619,27 @@ class JsonlStore:
         check_append(run_id, expected_seq, state, records)
         self._raise_error()
         line = _encode_line(state, records)  # outside every lock: pure CPU work
+        leaf = _leaf_line(run_id, records) if records else b""
         run = self._runs.get(run_id)
         if run is not None and run.owner == threading.get_ident():
             # Inside this thread's ``hold``: the run is pinned, its mutex and file lock are
             # ours, so none of them is taken again (the runtime commits every node this way).
-            self._commit_locked(run, expected_seq, line, state)
+            self._commit_locked(run, expected_seq, line, leaf, state)
             return
         run = self._checkout(run_id)
         try:
             with run.mutex:
                 self._lock_run(run)  # RunNotFound when there is no file: nothing is created
                 try:
-                    self._commit_locked(run, expected_seq, line, state)
+                    self._commit_locked(run, expected_seq, line, leaf, state)
                 finally:
                     self._unlock_run(run)
         finally:
             self._checkin(run)
 
-    def _commit_locked(self, run: _Run, expected_seq: int, line: bytes, state: RunState) -> None:
+    def _commit_locked(
+        self, run: _Run, expected_seq: int, line: bytes, leaf: bytes, state: RunState
+    ) -> None:
         """Check the seq and append; the caller holds the run's mutex and file lock."""
         fd = run.fd
         assert fd is not None  # locking opened it
@@ -601,16 +651,23 @@ class JsonlStore:
             snap = self._snaps.get(run.name)
             if snap is None or not snap.still(size):
                 snap = self._snap_from(fd, size, run.path, run.name, run.run_id)
+            if snap.state is not None and self._indexed.get(run.name) != snap.state.seq:
+                # Not this process's own last write: make sure the index lists the run's
+                # records so far before listing ours after them (a writer that died between
+                # its two writes left its last commit unindexed).
+                self._ensure_indexed(run, snap.state.seq)
         if snap.state is None:
             raise RunNotFound(run.run_id)
         if snap.state.seq != expected_seq:
             raise ConflictError(run.run_id, expected_seq, snap.state.seq)
-        self._append(run, fd, snap, line, state, new_file=False)
+        self._append(run, fd, snap, line, leaf, state, new_file=False)
 
     def _append(
-        self, run: _Run, fd: int, snap: _Snap, line: bytes, state: RunState, *, new_file: bool
+        self, run: _Run, fd: int, snap: _Snap, line: bytes, leaf: bytes, state: RunState, *,
+        new_file: bool,
     ) -> None:
-        """Write one commit line; caller holds the run's lock and has checked the seq."""
+        """Write one commit line, then its index line; caller holds the run's lock and has
+        checked the seq."""
         if snap.clean != snap.size:
             # A torn line from a crashed writer: cut it off, or our line would extend it.
             os.ftruncate(fd, snap.clean)
@@ -636,14 +693,200 @@ class JsonlStore:
         size = snap.clean + written
         self._snaps[run.name] = _Snap(size, size, state)
         run.fresh = True
+        if leaf:
+            # After the run line and still under the run's lock: the index lists a record
+            # only once it is stored, and a run's records in seq order.
+            self._write_index(leaf, mark=False)
+            self._indexed[run.name] = state.seq
         if not self._sync:
-            self._mark_dirty(run, new_file)
+            self._mark_dirty(run, new_file, bool(leaf))
+
+
+    # --- the store-wide index and checkpoints ---------------------------------------------
+
+    def _index(self) -> int:
+        """The shared ``O_APPEND`` fd of ``index.jsonl`` (opened, or created, on first use)."""
+        fd = self._index_fd
+        if fd is None:
+            with self._lock:
+                if self._index_fd is None:
+                    self._index_fd = os.open(
+                        self._index_path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                        0o644,
+                    )
+                fd = self._index_fd
+        return fd
+
+    def _write_index(self, data: bytes, *, mark: bool = True) -> None:
+        """Append whole lines to the index: one ``write`` on an ``O_APPEND`` fd, so lines of
+        concurrent writers (threads or processes) never interleave within a line.  ``mark``:
+        record the index as written since the last flush (a commit does that in
+        ``_mark_dirty`` instead, under the lock it takes anyway)."""
+        fd = self._index()
+        try:
+            written = os.write(fd, data)
+        except OSError as exc:
+            raise StoreError(
+                f"{self._index_path}: the commit is stored but its index line could not be "
+                f"written ({exc}); recover() adds it"
+            ) from exc
+        if written != len(data):
+            raise StoreError(
+                f"{self._index_path}: short write ({written} of {len(data)} bytes); the "
+                "commit is stored but not indexed; recover() repairs the index"
+            )
+        if self._sync:
+            os.fsync(fd)
+        elif mark:
+            with self._lock:
+                self._dirty[_INDEX_KEY] = self._index_path
+
+    def _read_index(self, offset: int) -> tuple[bytes, int]:
+        """The complete lines of the index from ``offset`` on, and the offset after them."""
+        fd = self._index()
+        size = os.fstat(fd).st_size
+        if size <= offset:
+            return b"", offset
+        data = os.pread(fd, size - offset, offset)
+        end = data.rfind(b"\n") + 1  # a line still being written (or torn) waits
+        return data[:end], offset + end
+
+    def _scan_index(self) -> None:
+        """Bring ``_indexed`` up to date with the index lines written since the last scan."""
+        with self._scan_lock:
+            data, end = self._read_index(self._scan_offset)
+            start = self._scan_offset
+            self._scan_offset = end
+        indexed = self._indexed
+        for number, raw in enumerate(data.split(b"\n")[:-1]):
+            if raw.startswith(b'{"checkpoint"'):
+                continue
+            try:
+                leaf = _leaf_decoder.decode(raw)
+            except ValueError as exc:
+                raise CorruptStore(
+                    self._index_path, None,
+                    f"undecodable index line (line {number + 1} after byte {start}): {exc}",
+                ) from None
+            name = file_name(leaf.run_id)
+            last = leaf.seq + len(leaf.hashes) - 1
+            if indexed.get(name, -1) < last:
+                indexed[name] = last
+
+    def _ensure_indexed(self, run: _Run, seq: int) -> None:
+        """Append to the index the run's records up to ``seq`` that it lacks; the caller holds
+        the run's lock (so no writer of this run is between its two writes)."""
+        if self._indexed.get(run.name, -1) >= seq:
+            return
+        self._scan_index()
+        known = self._indexed.get(run.name, -1)
+        if known >= seq:
+            return
+        missing: list[bytes] = []
+        for records in self._lines_of(run):
+            fresh = [r for r in records if r.seq > known]
+            if fresh:
+                missing.append(_leaf_line(run.run_id, fresh))
+        if missing:
+            self._write_index(b"".join(missing))
+            self._log_repair(run.run_id, known, seq)
+        self._indexed[run.name] = seq
+
+    def _log_repair(self, run_id: str, known: int, seq: int) -> None:
+        # A hook point for tests and logs: the store has no logger of its own.
+        self.repaired.append((run_id, known + 1, seq))
+
+    def _lines_of(self, run: _Run) -> Iterator[list[Record]]:
+        """The records of each complete line of a run file, in order."""
+        with open(run.path, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                if not raw.endswith(b"\n"):
+                    return
+                _, records = _decode_line(raw[:-1], run.path, partial(int, number), run.run_id)
+                yield records
+
+    def repair_index(self) -> int:
+        """List in the index every stored record it lacks; returns how many runs needed it.
+
+        A writer that dies between a commit's run line and its index line (or a power loss
+        that keeps one and not the other) leaves records the index does not list; a later
+        commit to the run repairs its own run, and ``Runtime.recover()`` calls this for all
+        of them (finished runs are never written again).  Each run is checked under its lock.
+        """
+        self._scan_index()
+        repaired = 0
+        for state in self._refresh():
+            name = file_name(state.run_id)
+            if self._indexed.get(name, -1) >= state.seq:
+                continue
+            with self._locked(state.run_id) as run:
+                current = self._current(run.name, run.run_id)
+                if current is not None and self._indexed.get(name, -1) < current.seq:
+                    self._ensure_indexed(run, current.seq)
+                    repaired += 1
+        return repaired
+
+    def checkpoint(self, signer: Signer) -> str:
+        """Sign a checkpoint of every record the index lists, append it, and return the note.
+
+        Checkpoint writers of all processes take turns (a ``filelock`` on
+        ``locks/index.lock``), so stored checkpoints never go backwards.  Under it the index
+        is read up to its last complete line, the records it lists are made durable (with
+        ``syncfs`` this covers other processes' writes too), and only then is the note
+        signed and appended.  Each call hashes only the leaves since the previous one.  When
+        no record was indexed since the last stored checkpoint, that one is returned.
+        """
+        with self._cp_lock:
+            if self._cp_flock is None:
+                self._cp_flock = filelock.FileLock(
+                    str(self.path / "locks" / "index.lock"), preserve_lock_file=True
+                )
+            with self._cp_flock:
+                data, self._cp_offset = self._read_index(self._cp_offset)
+                self._fold(data)
+                size = self._frontier.size
+                if self._cp_last is not None and self._cp_last[0] == size:
+                    return self._cp_last[1]
+                self.flush()
+                note = sign_checkpoint(
+                    Checkpoint(origin_of(self.log_id), size, self._frontier.root()), signer
+                )
+                self._write_index(_encoder.encode(CheckpointLine(note)) + b"\n")
+                self._cp_last = (size, note)
+                return note
+
+    def _fold(self, data: bytes) -> None:
+        """Add the leaves of these index lines to the frontier; note stored checkpoints."""
+        leaves: list[bytes] = []
+        for raw in data.split(b"\n")[:-1]:
+            if raw.startswith(b'{"checkpoint"'):
+                note = _checkpoint_line_decoder.decode(raw).checkpoint
+                self._frontier.extend(leaves)
+                leaves = []
+                self._cp_last = (parse_checkpoint(note)[0].size, note)
+                continue
+            leaves.extend(bytes.fromhex(h) for h in _leaf_decoder.decode(raw).hashes)
+        self._frontier.extend(leaves)
+
+    def checkpoints(self) -> builtins.list[str]:
+        """Every checkpoint note stored in the index, in the order written."""
+        try:
+            data = Path(self._index_path).read_bytes()
+        except FileNotFoundError:
+            return []
+        return [
+            _checkpoint_line_decoder.decode(raw).checkpoint
+            for raw in data.split(b"\n")[:-1]
+            if raw.startswith(b'{"checkpoint"')
+        ]
 
     # --- durability ------------------------------------------------------------------------
 
-    def _mark_dirty(self, run: _Run, new_file: bool) -> None:
+    def _mark_dirty(self, run: _Run, new_file: bool, indexed: bool) -> None:
         with self._lock:
             self._dirty[run.run_id] = run.path
+            if indexed:
+                self._dirty[_INDEX_KEY] = self._index_path
             self._dir_dirty = self._dir_dirty or new_file
             if not self._batch:
                 return  # "none": tracked only so that an explicit flush() covers it

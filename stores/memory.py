@@ -1,8 +1,9 @@
 """The in-memory store: for tests, examples and pure speed.  Nothing survives the process.
 
 It keeps the same contract as the durable stores (atomic commits, optimistic seq check,
-leases), so that code tested against it behaves the same on JSONL or SQL.  One lock guards
-everything: the store is safe to share between threads of one process.
+leases, a global record order with signed checkpoints), so that code tested against it
+behaves the same on JSONL or SQL.  One lock guards everything: the store is safe to share
+between threads of one process.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from datetime import datetime, timedelta
 
 from ..kernel.errors import ConflictError, RunExists, RunNotFound
 from ..kernel.types import RunState, Status
+from ..ledger.checkpoint import Checkpoint, origin_of, sign_checkpoint
+from ..ledger.keys import Signer
+from ..ledger.merkle import Frontier
 from ..ledger.records import Record
 from .base import check_append, matches, needs_worker, no_hold
 
@@ -30,6 +34,9 @@ class MemoryStore:
         self._records: dict[str, list[Record]] = {}
         self._waiting: dict[str, set[str]] = {}
         self._leases: dict[str, tuple[str, datetime]] = {}
+        self._order: list[str] = []  # record hashes in commit order: the global order
+        self._frontier = Frontier()
+        self._checkpoints: list[tuple[int, str]] = []
 
     def __repr__(self) -> str:
         return f"MemoryStore(runs={len(self._states)})"
@@ -48,6 +55,7 @@ class MemoryStore:
                 raise RunExists(state.run_id)
             self._states[state.run_id] = state
             self._records[state.run_id] = list(records)
+            self._order.extend(r.hash for r in records)
             self._index(None, state)
 
     def commit(
@@ -63,6 +71,7 @@ class MemoryStore:
                 raise ConflictError(run_id, expected_seq, old.seq)
             self._states[run_id] = state
             self._records[run_id].extend(records)
+            self._order.extend(r.hash for r in records)
             self._index(old, state)
 
     def load(self, run_id: str) -> RunState:
@@ -138,6 +147,25 @@ class MemoryStore:
                 return False
             self._leases[run_id] = (worker, now + lease)
             return True
+
+    def checkpoint(self, signer: Signer) -> str:
+        """Sign and keep a checkpoint of every record committed so far; return the note
+        (the last one again when nothing was committed since)."""
+        with self._lock:
+            frontier = self._frontier
+            frontier.extend([bytes.fromhex(h) for h in self._order[frontier.size:]])
+            if self._checkpoints and self._checkpoints[-1][0] == frontier.size:
+                return self._checkpoints[-1][1]
+            note = sign_checkpoint(
+                Checkpoint(origin_of(self.log_id), frontier.size, frontier.root()), signer
+            )
+            self._checkpoints.append((frontier.size, note))
+            return note
+
+    def checkpoints(self) -> builtins.list[str]:
+        """The checkpoint notes kept so far, oldest first."""
+        with self._lock:
+            return [note for _, note in self._checkpoints]
 
     def hold(self, run_id: str) -> AbstractContextManager[None]:
         """Nothing to prepare in memory."""

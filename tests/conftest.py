@@ -233,7 +233,8 @@ def bodies(records: Iterable[Record]) -> builtins.list[Body]:
 
 
 def check_ledger(rt: Runtime, run_id: str) -> builtins.list[Body]:
-    """Assert the run's ledger is one record per transition, contiguous, and verifies.
+    """Assert the run's ledger is one record per transition (plus ``run.sealed`` closing a
+    finished run, and nothing else), contiguous, and verifies.
 
     Returns the parsed bodies for further checks.
     """
@@ -241,7 +242,13 @@ def check_ledger(rt: Runtime, run_id: str) -> builtins.list[Body]:
     records = rt.ledger(run_id)
     parsed = bodies(records)
     assert [b.seq for b in parsed] == list(range(len(parsed))), "seqs must be 0, 1, 2, ..."
-    assert len(parsed) == state.step, "one record per transition"
+    sealed = [i for i, b in enumerate(parsed) if b.kind == "run.sealed"]
+    if state.status.finished:
+        assert sealed == [len(parsed) - 1], "a finished run ends with one run.sealed"
+        assert len(parsed) == state.step + 1, "one record per transition, then the seal"
+    else:
+        assert sealed == [], "an unfinished run has no seal"
+        assert len(parsed) == state.step, "one record per transition"
     assert state.seq == len(parsed) - 1
     assert state.head == records[-1].hash
     assert all(b.run_id == run_id for b in parsed)

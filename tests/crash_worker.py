@@ -68,6 +68,7 @@ def expected_trace() -> list[tuple[str, str | None]]:
         else:
             trace.append(("node.stepped", node_name(i)))
     trace.append(("run.completed", node_name(NODES - 1)))
+    trace.append(("run.sealed", None))  # a finished run's chain ends with its seal
     return trace
 
 

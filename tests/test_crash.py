@@ -106,7 +106,7 @@ def _check_round(root: Path, round_no: int, kills: int) -> int:
             bodies = [parse_body(r.body) for r in records]
             assert [b.seq for b in bodies] == list(range(len(bodies))), run_id
             assert [(b.kind, b.node) for b in bodies] == trace, run_id
-            assert len(bodies) == state.step == state.seq + 1, run_id
+            assert len(bodies) == state.step + 1 == state.seq + 1, run_id  # + run.sealed
             for body in bodies:
                 if body.kind == "effect.requested" and body.effect == "call":
                     committed[body.key] += 1

@@ -54,7 +54,7 @@ def test_hello(tmp_path: Path) -> None:
     assert "completed" in out
     assert "output: {'message': 'HELLO, WORLD!', 'steps_before_done': 3}" in out
     assert "node.stepped    greet -> shout" in out
-    assert "chain verified: 4 records ok" in out
+    assert "chain verified: 5 records ok" in out
 
 
 def test_ask_user_demo_three_processes(tmp_path: Path) -> None:
@@ -68,7 +68,7 @@ def test_ask_user_demo_three_processes(tmp_path: Path) -> None:
     assert "it is waiting" in out
     assert "question: Approve 450 EUR for 'conference ticket' by ada?" in out
     assert "answered 'approve'; the run is completed" in out
-    assert re.search(r"chain: ok \(4 records\)", out), out
+    assert re.search(r"chain: ok \(5 records\)", out), out
     assert "demo: ok" in out
     assert (home / "signer.key").is_file()
     assert not (tmp_path / ".wakepoint").exists()  # --home was honoured
@@ -92,7 +92,7 @@ def test_ask_user_commands_and_bad_answers(tmp_path: Path) -> None:
     assert "cannot answer" in out and "completed" in out
 
     out = run_example("ask_user.py", "verify", run_id, cwd=tmp_path)
-    assert "chain: ok (4 records)" in out
+    assert "chain: ok (5 records)" in out
 
 
 def test_ask_user_verify_without_key_fails(tmp_path: Path) -> None:
@@ -196,7 +196,7 @@ def test_worker_jsonl(tmp_path: Path) -> None:
     out = run_example("worker_jsonl.py", cwd=tmp_path)
     assert len(re.findall(r"r\d: woken +[\d.]+ ms after due", out)) == 5, out
     assert "r5: resumed by the new worker" in out and "r6: resumed by the new worker" in out
-    assert "ledgers verified: 28 records in 7 runs" in out
+    assert "ledgers verified: 35 records in 7 runs" in out
     assert out.rstrip().endswith("ok")
 
 

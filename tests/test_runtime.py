@@ -357,6 +357,7 @@ def test_every_transition_is_one_record(env: Any) -> None:
         ("effect.requested", "three"),
         ("wait.resumed", "three"),
         ("run.completed", "four"),
+        ("run.sealed", None),
     ]
     # Another runtime (the next process) reads and verifies the same chain.
     env.check_ledger(env.open([linear], {"add": add}), "lin")
@@ -375,9 +376,10 @@ def test_failed_and_cancelled_runs_are_recorded_once(env: Any) -> None:
     cancelled = rt.cancel("c1", "changed my mind")
     assert cancelled.status is Status.CANCELLED
     assert cancelled.error.message == "changed my mind"
-    assert env.kinds(rt, "f1") == ["run.started", "run.failed"]
-    assert env.kinds(rt, "f2") == ["run.started", "run.failed"]
-    assert env.kinds(rt, "c1") == ["run.started", "effect.requested", "run.cancelled"]
+    assert env.kinds(rt, "f1") == ["run.started", "run.failed", "run.sealed"]
+    assert env.kinds(rt, "f2") == ["run.started", "run.failed", "run.sealed"]
+    assert env.kinds(rt, "c1") == ["run.started", "effect.requested", "run.cancelled",
+                                   "run.sealed"]
     for run_id in ("f1", "f2", "c1"):
         env.check_ledger(rt, run_id)
 

@@ -178,7 +178,7 @@ def test_event_deadline_without_on_timeout_fails(env: Any) -> None:
     assert state.status is Status.FAILED
     assert state.error.type == "Timeout"
     assert "'k'" in state.error.message
-    assert env.kinds(rt, "w1")[-1] == "run.failed"
+    assert env.kinds(rt, "w1")[-2:] == ["run.failed", "run.sealed"]
     env.check_ledger(rt, "w1")
 
 
@@ -214,7 +214,7 @@ def test_wait_until_future_parks_until_due(env: Any) -> None:
     assert state.output == when.isoformat()
     assert rt.next_due() is None
     assert env.kinds(rt, "t1") == ["run.started", "effect.requested", "timer.fired",
-                                   "run.completed"]
+                                   "run.completed", "run.sealed"]
     env.check_ledger(rt, "t1")
 
 
@@ -231,7 +231,7 @@ def test_wait_until_past_resumes_at_once(env: Any) -> None:
     run = rt.start(sleeper, env.clock.now - timedelta(hours=1), run_id="t1")
     assert run.status is Status.COMPLETED
     assert env.kinds(rt, "t1") == ["run.started", "effect.requested", "wait.resumed",
-                                   "run.completed"]
+                                   "run.completed", "run.sealed"]
     env.check_ledger(rt, "t1")
 
 
@@ -506,7 +506,7 @@ def test_call_gives_up_after_attempts(env: Any) -> None:
     assert state.status is Status.COMPLETED
     assert state.output == {"error": {"type": "ConnectionError", "message": "down"}}
     assert env.kinds(rt, "c2") == ["run.started", "effect.requested", "wait.rejected",
-                                   "run.completed"]
+                                   "run.completed", "run.sealed"]
 
 
 def test_call_timeout_counts_as_failed_attempt(env: Any) -> None:
@@ -553,7 +553,8 @@ def test_call_with_unencodable_result_fails_run(env: Any) -> None:
     assert state.error.type == "UnencodableValue"
     assert "'c1:2'" in state.error.message
     assert "result" not in state.vars
-    assert env.kinds(rt, "c1") == ["run.started", "effect.requested", "run.failed"]
+    assert env.kinds(rt, "c1") == ["run.started", "effect.requested", "run.failed",
+                                   "run.sealed"]
     env.check_ledger(rt, "c1")
 
 
@@ -660,7 +661,7 @@ def test_handler_overrides_builtin(env: Any) -> None:
     assert state.status is Status.COMPLETED
     assert state.output == {"by": "reviewer", "answer": "approve"}
     assert env.kinds(rt, "q1") == ["run.started", "effect.requested", "wait.resumed",
-                                   "run.completed"]
+                                   "run.completed", "run.sealed"]
 
 
 def test_handler_without_handle_method_is_rejected(env: Any) -> None:

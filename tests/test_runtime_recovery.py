@@ -323,7 +323,7 @@ def test_recover_fires_overdue_timers_and_deadlines(env: Any) -> None:
     assert state.output == {"timed_out": True}
     assert env.kinds(later, "n1") == [
         "run.started", "effect.requested", "timer.fired", "effect.requested",
-        "wait.timed_out", "run.completed",
+        "wait.timed_out", "run.completed", "run.sealed",
     ]
     env.check_ledger(later, "n1")
 
@@ -414,4 +414,4 @@ def test_crash_while_creating_key_file_does_not_block_next_runtime(
     monkeypatch.setattr(os, "write", real_write)
     rt = Runtime(jsonl_env.url, [pipeline], {"charge": Charger()})
     assert rt.start(pipeline, 1, run_id="p1").status is Status.COMPLETED
-    assert rt.verify("p1") == 5
+    assert rt.verify("p1") == 6  # five transitions and the seal
