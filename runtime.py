@@ -160,7 +160,8 @@ class Runtime:
             store, "checkpoint", None)
         self._cp_records = checkpoint_records
         self._cp_seconds = checkpoint_seconds
-        self._cp_last = time.monotonic()
+        # As if one was written just long enough ago that the first run's end writes one.
+        self._cp_last = time.monotonic() - _CHECKPOINT_MIN_INTERVAL
         self._cp_pending = 0  # records committed since the last checkpoint
         self._cp_lock = threading.Lock()
         self._last_key: dict[str, tuple[int, str]] = {}  # run id -> (seq, key) after a rotation
