@@ -385,7 +385,10 @@ class Worker:
         at = min([at, *self._next_tick])
         if self._renewing:
             at = min(at, self._next_renewal)
-        self._alarm.arm(at)
+        # An alarm already set between now and ``at`` stays: it rings a little early at
+        # worst (one more claim round), and re-arming after every round cost a fifth of a
+        # busy worker's CPU.
+        self._alarm.arm_by(at, now)
         reported = self._latest_report()
         if reported is not None and reported < at:
             self._alarm.arm_earlier(reported)

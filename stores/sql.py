@@ -8,7 +8,7 @@ Promises (the contract of ``stores.base``, checked by ``stores.conformance``):
   with the seq it lost to.  ``create`` is ``INSERT ... ON CONFLICT DO NOTHING``.
 * PostgreSQL writes are ONE statement each, run in autocommit (the statement is the
   transaction): ``WITH run_row AS (<the run's UPDATE or INSERT> RETURNING run_id), bump AS
-  (<the counter>), added AS (<the records, from arrays>) SELECT ...``.  One round trip
+  (<the counter>), added AS (<the records, from VALUES>) SELECT ...``.  One round trip
   instead of five (BEGIN, run, counter, records, COMMIT), and - what matters for several
   workers - the counter row below is locked only while the server executes the statement,
   not across the client's round trips: with two worker processes the counter lock was the
@@ -119,28 +119,41 @@ def _after_fork() -> None:
 os.register_at_fork(after_in_child=_after_fork)
 
 
-_PG_RECORDS = f"""
+def _pg_records(n: int) -> str:
+    """The tail of PostgreSQL's one-statement writes, for ``n`` records.
+
+    ``bump`` reads ``run_row`` (an uncorrelated EXISTS, evaluated before the counter row is
+    locked), so the run's row is locked first and the counter second, as in the transaction
+    form; when the run's write matched no row (a conflict, a taken id) nothing is bumped or
+    inserted.  Records come as ``VALUES`` rows of scalar parameters (``s1``, ``i1``, ...),
+    numbered ``k`` from the bumped counter: one statement text per record count, each
+    prepared once by psycopg.  (Arrays through ``unnest`` were the first form: dumping six
+    lists per commit cost the client more than the statement cost the server.)
+    """
+    if n == 0:
+        return "\nSELECT (SELECT count(*) FROM run_row), 0"
+    rows = ",\n        ".join(
+        f"({k}, %(s{k})s::bigint, %(i{k})s::text, %(b{k})s::bytea, %(g{k})s::bytea, "
+        f"%(h{k})s::text, %(c{k})s::bytea)"
+        for k in range(1, n + 1)
+    )
+    return f"""
 , bump AS (
-    UPDATE {WP_META.name} SET last_position = last_position + %(b_count)s
+    UPDATE {WP_META.name} SET last_position = last_position + {n}
     WHERE id = 1 AND EXISTS (SELECT 1 FROM run_row)
     RETURNING last_position
 ), added AS (
     INSERT INTO {WP_RECORDS.name}
         (position, run_id, seq, key_id, body, sig, record_hash, cosigs)
-    SELECT bump.last_position - %(b_count)s + t.k, %(b_run_id)s, t.seq, t.key_id, t.body,
-           t.sig, t.hash, t.cosigs
-    FROM bump, unnest(%(b_seqs)s::bigint[], %(b_key_ids)s::text[], %(b_bodies)s::bytea[],
-                      %(b_sigs)s::bytea[], %(b_hashes)s::text[], %(b_cosigs)s::bytea[])
-         WITH ORDINALITY AS t(seq, key_id, body, sig, hash, cosigs, k)
+    SELECT bump.last_position - {n} + t.k, %(b_run_id)s, t.seq, t.key_id, t.body, t.sig,
+           t.hash, t.cosigs
+    FROM bump, (VALUES
+        {rows}
+    ) AS t(k, seq, key_id, body, sig, hash, cosigs)
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM run_row), (SELECT count(*) FROM added)
 """
-"""The tail of PostgreSQL's one-statement writes.  ``bump`` reads ``run_row`` (an uncorrelated
-EXISTS, evaluated before the counter row is locked), so the run's row is locked first and
-the counter second, as in the transaction form; when the run's write matched no row (a
-conflict, a taken id) nothing is bumped or inserted.  Records come in as parallel arrays,
-numbered by ``WITH ORDINALITY`` from the bumped counter."""
 
 
 class _Statements:
@@ -183,10 +196,13 @@ class _Statements:
             .values(state=b("b_state"), seq=b("b_seq"), updated_at=b("b_updated_at"))
         )
         self.create, self.update, self.update_state = map(self._sql, (create, full, state_only))
-        # PostgreSQL: each write is ONE statement (see "PostgreSQL writes" in the header).
-        self.pg_create, self.pg_update, self.pg_update_state = (
-            self._with_records(stmt.returning(r.run_id)) for stmt in (create, full, state_only)
-        )
+        # PostgreSQL: each write is ONE statement (see "PostgreSQL writes" in the header):
+        # the run's write, to which ``pg_write`` appends the records' part.
+        self._pg_heads = {
+            name: self._sql(stmt.returning(r.run_id))
+            for name, stmt in (("create", create), ("update", full), ("state", state_only))
+        }
+        self._pg_writes: dict[tuple[str, int], str] = {}
         # SQLite's record insert (PostgreSQL's is inside the statements above).  NULL into
         # SQLite's INTEGER PRIMARY KEY is "the next rowid", the global position.
         record: dict[str, ColumnElement[Any]] = {
@@ -264,10 +280,15 @@ class _Statements:
     def _sql(self, statement: ClauseElement) -> str:
         return str(statement.compile(dialect=self._dialect))
 
-    def _with_records(self, head: ClauseElement) -> str:
-        """``head`` (a write to the run's row, ``RETURNING run_id``) and the records, as one
-        PostgreSQL statement; its row is (runs written, records written)."""
-        return f"WITH run_row AS ({self._sql(head)}){_PG_RECORDS}"
+    def pg_write(self, head: str, records: int) -> str:
+        """PostgreSQL: the run's write ``head`` (``create``, ``update`` or ``state``) and
+        ``records`` records as one statement, whose row is (runs written, records written)."""
+        key = (head, records)
+        sql = self._pg_writes.get(key)
+        if sql is None:
+            sql = f"WITH run_row AS ({self._pg_heads[head]}){_pg_records(records)}"
+            self._pg_writes[key] = sql
+        return sql
 
     def listing(
         self, status: bool, workflow: bool, wait_kind: bool, due: bool, parent: bool,
@@ -534,7 +555,7 @@ class SqlStore:
         params["b_parent"] = None if state.parent is None else state.parent.run_id
         params["b_created_at"] = to_us(state.created_at)
         if self._pg:
-            if not self._write_pg(self._sql.pg_create, params, records):
+            if not self._write_pg("create", params, records):
                 raise RunExists(state.run_id)
         else:
             cursor = self._begin()
@@ -562,8 +583,7 @@ class SqlStore:
         params["b_expected"] = expected_seq
         same = self._written.get(run_id) == (expected_seq, indexed)
         if self._pg:
-            sql = self._sql.pg_update_state if same else self._sql.pg_update
-            if not self._write_pg(sql, params, records):
+            if not self._write_pg("state" if same else "update", params, records):
                 self._refuse(run_id, expected_seq, self._cursor())
         else:
             cursor = self._begin()
@@ -588,17 +608,17 @@ class SqlStore:
             raise RunNotFound(run_id)
         raise ConflictError(run_id, expected_seq, int(row[0]))
 
-    def _write_pg(self, sql: str, params: dict[str, Any], records: Sequence[Record]) -> bool:
+    def _write_pg(self, head: str, params: dict[str, Any], records: Sequence[Record]) -> bool:
         """Run one of PostgreSQL's one-statement writes (autocommit: the statement is the
         transaction); whether the run's row was written (then every record was too)."""
-        params["b_count"] = len(records)
-        params["b_seqs"] = [rec.seq for rec in records]
-        params["b_key_ids"] = [rec.key_id for rec in records]
-        params["b_bodies"] = [rec.body for rec in records]
-        params["b_sigs"] = [rec.sig for rec in records]
-        params["b_hashes"] = [rec.hash for rec in records]
-        params["b_cosigs"] = [_cosigs_encoder.encode(rec.cosigs) if rec.cosigs else None
-                              for rec in records]
+        for k, rec in enumerate(records, start=1):
+            params[f"s{k}"] = rec.seq
+            params[f"i{k}"] = rec.key_id
+            params[f"b{k}"] = rec.body
+            params[f"g{k}"] = rec.sig
+            params[f"h{k}"] = rec.hash
+            params[f"c{k}"] = _cosigs_encoder.encode(rec.cosigs) if rec.cosigs else None
+        sql = self._sql.pg_write(head, len(records))
         cursor = self._cursor()
         try:
             cursor.execute(sql, params)

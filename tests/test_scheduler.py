@@ -40,6 +40,22 @@ def test_arm_earlier_only_moves_the_alarm_earlier() -> None:
     alarm.stop()
 
 
+def test_arm_by_keeps_an_earlier_time_still_ahead() -> None:
+    """``arm_by(at, now)`` keeps an armed time between now and ``at``, and re-arms for ``at``
+    when the armed time is later than ``at``, already past, or unset."""
+    alarm = Alarm(lambda: None)
+    now = datetime.now(UTC)
+    assert alarm.arm_by(now + timedelta(minutes=5), now)  # unset: arms
+    assert not alarm.arm_by(now + timedelta(minutes=10), now)  # 5 min is sooner: kept
+    assert alarm.armed_for == now + timedelta(minutes=5)
+    assert alarm.arm_by(now + timedelta(minutes=1), now)  # sooner than armed: re-arms
+    assert alarm.armed_for == now + timedelta(minutes=1)
+    later = now + timedelta(minutes=2)  # the armed time has passed
+    assert alarm.arm_by(later + timedelta(minutes=5), later)
+    assert alarm.armed_for == later + timedelta(minutes=5)
+    alarm.stop()
+
+
 def test_an_alarm_armed_before_start_rings_after_start() -> None:
     """A time armed before ``start()`` (already past here) rings as soon as it starts."""
     done = threading.Event()
