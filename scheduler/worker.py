@@ -81,6 +81,9 @@ from ..runtime import Runtime
 from .alarm import Alarm
 from .cron import Missed, Schedule
 
+COALESCE = timedelta(milliseconds=10)
+"""Deadlines reported when already due ring the alarm this long from now, at the soonest."""
+
 RENEW_FRACTION = 3
 """Leases of runs being driven are renewed every ``lease / RENEW_FRACTION``."""
 
@@ -364,6 +367,10 @@ class Worker:
 
     def _due(self, deadline: datetime) -> None:
         """A commit (in this process, or announced by the store) created ``deadline``."""
+        # A deadline that is already due (``wait_until`` of now: its drive resolves it at
+        # once, right after this call) rings no sooner than COALESCE from now, so that a
+        # stream of them costs one alarm and one claim round per COALESCE, not one each.
+        deadline = max(deadline, datetime.now(UTC) + COALESCE)
         # Recorded before re-arming, so that an _arm() racing with us sees it (see _arm).
         reported = self._reported
         if reported is None or deadline < reported:
