@@ -12,7 +12,9 @@ reads the directory itself and checks, for every run:
   expected ``(kind, node)`` sequence, record count == ``state.step``;
 * each ``call`` has exactly one ``effect.requested`` and one ``wait.resumed`` record for its
   idempotency key (the result is recorded once);
-* the chain verifies with the directory's key file.
+* the chain verifies with the directory's key file;
+* the auditor's verifier accepts the whole directory (chains, seals, the store-wide index
+  after ``recover()``'s repair, and the checkpoints every process wrote).
 
 And for the side file the function appends to (fsynced before the function returns): its keys
 are exactly the committed calls' keys; a key may appear twice only when the kill fell between
@@ -37,6 +39,8 @@ import pytest
 from wakepoint import Status
 from wakepoint.ledger.keys import Signer
 from wakepoint.ledger.records import parse_body, verify_chain
+from wakepoint.ledger.trust import TrustRoot
+from wakepoint.ledger.verify import verify
 from wakepoint.stores.jsonl import JsonlStore
 
 WORKER = Path(__file__).with_name("crash_worker.py")
@@ -120,6 +124,15 @@ def _check_round(root: Path, round_no: int, kills: int) -> int:
     assert set(side) == set(committed), "side effects and committed calls differ"
     duplicates = sum(n - 1 for n in side.values())
     assert duplicates <= kills, f"{duplicates} calls ran twice after {kills} kill(s)"
+    # The auditor's view of the whole directory: every chain, the store-wide index (which a
+    # kill between a commit's two writes leaves short until recover() repairs it), the seals
+    # and the checkpoints written by the killed and the recovering processes.
+    with JsonlStore(root, durability="none") as store:
+        log_id = store.log_id
+    report = verify(root, TrustRoot.from_signers([signer], log_id=log_id), require_seals=True)
+    assert report.ok, (root, report.error)
+    assert report.records == RUNS_PER_ROUND * len(trace)
+    assert report.checkpoint is not None
     return duplicates
 
 
