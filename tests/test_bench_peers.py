@@ -13,6 +13,7 @@ import dataclasses
 import importlib
 import math
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -35,16 +36,34 @@ def bench() -> Any:
 
 
 @pytest.fixture(scope="module")
-def records(bench: Any) -> list[dict[str, Any]]:
-    """One round of every case on wakepoint, tiny sizes (a short sleep, killed early)."""
-    wakepoint = dataclasses.replace(bench.venvs.WAKEPOINT, python=Path(sys.executable))
-    sizes = bench.harness.Sizes(linear_runs=7, pause_runs=5, sleep_seconds=1.5,
-                                kill_after=0.1, timeout=120)
-    lines: list[str] = []
-    result: list[dict[str, Any]] = bench.harness.run_rounds(
-        [wakepoint], bench.harness.CASES, sizes, rounds=1, progress=lines.append)
-    assert len(lines) == len(result)
-    return result
+def wakepoint(bench: Any) -> Any:
+    """The harness's wakepoint system, driven by this interpreter instead of its venv."""
+    return dataclasses.replace(bench.venvs.WAKEPOINT, python=Path(sys.executable))
+
+
+SIZES = {"linear_runs": 7, "pause_runs": 5, "sleep_seconds": 1.5, "kill_after": 0.1,
+         "timeout": 120}
+
+
+@pytest.fixture(scope="module")
+def records(bench: Any, wakepoint: Any, tmp_path_factory: pytest.TempPathFactory,
+            ) -> list[dict[str, Any]]:
+    """Every case on wakepoint at tiny sizes (a short sleep, killed early).
+
+    ``harness.run_case`` is what ``run_rounds`` calls per cell; the cases run side by side
+    here (each in its own processes and directory, as in the harness) only to keep this
+    test short - most of its time is interpreter start-up and the sleep.
+    """
+    sizes = bench.harness.Sizes(**SIZES)
+
+    def one(case: Any) -> dict[str, Any]:
+        scratch = tmp_path_factory.mktemp(case.key.replace("/", "-"))
+        return {"round": 1, "system": "wakepoint", "workload": case.workload,
+                "case": case.key, "result": bench.harness.run_case(wakepoint, case, sizes,
+                                                                    scratch)}
+
+    with ThreadPoolExecutor(len(bench.harness.CASES)) as pool:
+        return list(pool.map(one, bench.harness.CASES))
 
 
 def _by_case(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -93,6 +112,9 @@ def test_sleep_lateness_is_measured(records: list[dict[str, Any]]) -> None:
     # Same clock on both sides; a wake before the due time would be a bug.
     assert -1.0 <= sleep["lateness_ms"] < 5000
     assert sleep["restart_before_due_s"] < 1.5
+    # The timer's own share never exceeds the whole, and is not negative either.
+    assert -1.0 <= sleep["timer_late_ms"] <= sleep["lateness_ms"] + 1e-6
+    assert sleep["ready_at"] > 0 and 0 < sleep["ready_s"] < 60
 
 
 def test_report_quotes_the_measured_figures(bench: Any, records: list[dict[str, Any]],
@@ -122,12 +144,20 @@ def test_report_quotes_the_measured_figures(bench: Any, records: list[dict[str, 
         bench.report.update_readme(readme, "x")
 
 
-def test_a_failing_driver_is_reported_not_raised(bench: Any, tmp_path: Path) -> None:
-    """A driver that exits badly becomes an ``error`` record naming the system."""
-    broken = dataclasses.replace(bench.venvs.WAKEPOINT, python=Path(sys.executable),
-                                 driver="no_such_driver.py")
-    records = bench.harness.run_rounds([broken], [bench.harness.Case("pause")],
-                                       bench.harness.Sizes(pause_runs=1, timeout=60),
+def test_rounds_record_each_cell_and_report_a_failing_driver(bench: Any, wakepoint: Any,
+                                                             ) -> None:
+    """``run_rounds`` warms up, runs every round, and turns a bad driver into an ``error``."""
+    sizes = bench.harness.Sizes(pause_runs=2, timeout=60)
+    lines: list[str] = []
+    records = bench.harness.run_rounds([wakepoint], [bench.harness.Case("pause")], sizes,
+                                       rounds=2, progress=lines.append)
+    assert [(r["round"], r["case"], r["system"]) for r in records] == [
+        (1, "pause", "wakepoint"), (2, "pause", "wakepoint")]
+    assert all(r["result"]["cycles"] == 2 for r in records) and len(lines) == 2
+    assert bench.harness.summarize(records)["pause"]["wakepoint"]["n"] == 2
+
+    broken = dataclasses.replace(wakepoint, driver="no_such_driver.py")
+    records = bench.harness.run_rounds([broken], [bench.harness.Case("pause")], sizes,
                                        rounds=1, progress=lambda _line: None)
     assert len(records) == 1
     assert records[0]["error"].startswith("DriverError: wakepoint pause")

@@ -141,7 +141,7 @@ def main() -> None:
         state = rt.get_state("crash")
         if state.status is RunStatus.RUNNING:
             state = rt.tick(workflow=wf, run_id="crash")
-        common.finish(done_at=time.time(), ready_s=ready - common.STARTED,
+        common.finish(done_at=time.time(), **common.readiness(ready),
                       completed=state.status is RunStatus.COMPLETED)
     else:
         wf = sleeper(directory, args.seconds)
@@ -156,7 +156,7 @@ def main() -> None:
                                              workflows=[wf])
         ready = time.time()
         woke = common.wait_for_file(directory / "woke", args.seconds + 30)
-        common.finish(done_at=time.time(), ready_s=ready - common.STARTED, completed=woke,
+        common.finish(done_at=time.time(), **common.readiness(ready), completed=woke,
                       mechanism="WAIT_UNTIL + the built-in Scheduler (polls every 1.0 s)")
         scheduled.stop()
 

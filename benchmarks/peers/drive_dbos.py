@@ -144,7 +144,7 @@ def main() -> None:
             common.finish(error="step 5 did not kill the process")
         # launch() has already started recovering the pending workflow in the background.
         result = DBOS.retrieve_workflow("crash").get_result()
-        common.finish(done_at=time.time(), ready_s=ready - common.STARTED,
+        common.finish(done_at=time.time(), **common.readiness(ready),
                       completed=result == common.NODES)
     else:
         if args.phase == "start":
@@ -154,7 +154,7 @@ def main() -> None:
                 common.finish(error="the sleep never started")
             common.die_after(args.kill_after)
         DBOS.retrieve_workflow("sleeper").get_result()
-        common.finish(done_at=time.time(), ready_s=ready - common.STARTED,
+        common.finish(done_at=time.time(), **common.readiness(ready),
                       completed=(directory / "woke").exists(),
                       mechanism="DBOS.sleep, recovered by DBOS.launch()")
 

@@ -119,7 +119,7 @@ def main() -> None:
             common.finish(error="step 5 did not kill the process")
         ready = time.time()
         final = app.invoke(None, config)  # continue the thread from its last checkpoint
-        common.finish(done_at=time.time(), ready_s=ready - common.STARTED,
+        common.finish(done_at=time.time(), **common.readiness(ready),
                       completed=final.get("i") == common.NODES)
 
 

@@ -108,7 +108,7 @@ def main() -> None:
         ready = time.time()
         rt.recover()
         state = rt.get("crash")
-        common.finish(done_at=time.time(), ready_s=ready - common.STARTED,
+        common.finish(done_at=time.time(), **common.readiness(ready),
                       completed=state.status is Status.COMPLETED)
     else:
         wf = sleep_workflow(args.dir, args.seconds)
@@ -122,7 +122,7 @@ def main() -> None:
         Worker(rt).run_in_thread()  # recovers at start, then its alarm wakes the timer
         ready = time.time()
         woke = common.wait_for_file(args.dir / "woke", args.seconds + 30)
-        common.finish(done_at=time.time(), ready_s=ready - common.STARTED, completed=woke,
+        common.finish(done_at=time.time(), **common.readiness(ready), completed=woke,
                       mechanism="Worker: recover at start + APScheduler alarm at the due time")
 
 

@@ -22,8 +22,9 @@ same command line:
   durable timer prints ``{"unsupported": reason}`` instead.
 
 Every result line also carries ``maxrss_kb`` (``ru_maxrss`` of the driver process: its peak
-memory for that workload) and ``ready_s`` where a phase restarts a system (seconds from the
-driver's first line to the system being open).  Side files are written with ``os.write`` on
+memory for that workload), and where a phase restarts a system, ``ready_at`` (epoch seconds
+when the system was open again) and ``ready_s`` (seconds from the driver's first line to
+then).  Side files are written with ``os.write`` on
 an ``O_APPEND`` descriptor: the bytes are in the kernel's page cache when ``write`` returns,
 so they survive the SIGKILL that ends the process a moment later.
 """
@@ -121,6 +122,11 @@ def die_after(seconds: float) -> None:
     """Sleep, then SIGKILL this process (the sleep workload's crash during the sleep)."""
     time.sleep(seconds)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def readiness(ready: float) -> dict[str, float]:
+    """The result fields of a restarted system that was open at epoch ``ready``."""
+    return {"ready_at": ready, "ready_s": ready - STARTED}
 
 
 def timed(work: Callable[[], object]) -> tuple[float, float]:
