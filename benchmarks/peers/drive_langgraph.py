@@ -2,8 +2,9 @@
 
 Stores: ``InMemorySaver`` (memory) and ``SqliteSaver`` from ``langgraph-checkpoint-sqlite``
 (sqlite, its durable default) on one connection to ``DIR/langgraph.db``.  Every run is its
-own thread (``thread_id``); graphs run with LangGraph's default durability (checkpoints are
-written while the next step already runs), which is what a user who does not choose gets.
+own thread (``thread_id``); graphs run with LangGraph's default durability (``"async"``:
+checkpoints are written while the next step already runs), which is what a user who does
+not choose gets, or with ``--durability sync`` (the harness's ``langgraph-sync`` variant).
 
 * linear: a StateGraph of ten nodes in a line, each returning ``{"i": n}``.
 * pause: the ``ask`` node calls ``interrupt("ok?")``; the outside sees the interrupt in
@@ -77,6 +78,8 @@ def approval_graph() -> StateGraph:
 def main() -> None:
     args = common.parse()
     directory = args.dir.resolve()
+    # --durability: the harness's "langgraph-sync" variant; absent, LangGraph's default.
+    mode: dict[str, Any] = {"durability": args.durability} if args.durability else {}
     if args.workload == "sleep":
         common.finish(unsupported="LangGraph has no durable timer: no component resumes a "
                                   "thread at a time (a node's time.sleep dies with the process)")
@@ -86,7 +89,8 @@ def main() -> None:
 
         def drive() -> None:
             for r in range(args.runs):
-                finals.append(app.invoke({"i": 0}, {"configurable": {"thread_id": f"r{r}"}}))
+                finals.append(app.invoke({"i": 0}, {"configurable": {"thread_id": f"r{r}"}},
+                                         **mode))
 
         wall, cpu = common.timed(drive)
         common.finish(steps=args.runs * common.NODES,
@@ -99,9 +103,9 @@ def main() -> None:
         def cycle() -> None:
             for r in range(args.runs):
                 config: Any = {"configurable": {"thread_id": f"a{r}"}}
-                paused = app.invoke({"i": 0}, config)
+                paused = app.invoke({"i": 0}, config, **mode)
                 assert "__interrupt__" in paused  # waiting for the person
-                answers.append(app.invoke(Command(resume="yes"), config)["answer"])
+                answers.append(app.invoke(Command(resume="yes"), config, **mode)["answer"])
 
         wall, cpu = common.timed(cycle)
         common.finish(cycles=args.runs, completed=answers.count("yes"), wall=wall, cpu=cpu)
@@ -115,10 +119,10 @@ def main() -> None:
         app = line(crash_node).compile(checkpointer=saver("sqlite", directory))
         config: Any = {"configurable": {"thread_id": "crash"}}
         if args.phase == "start":
-            app.invoke({"i": 0}, config)
+            app.invoke({"i": 0}, config, **mode)
             common.finish(error="step 5 did not kill the process")
         ready = time.time()
-        final = app.invoke(None, config)  # continue the thread from its last checkpoint
+        final = app.invoke(None, config, **mode)  # continue the thread from its last checkpoint
         common.finish(done_at=time.time(), **common.readiness(ready),
                       completed=final.get("i") == common.NODES)
 

@@ -62,6 +62,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=2.0, help="sleep workload: duration")
     parser.add_argument("--kill-after", type=float, default=0.5,
                         help="sleep workload: seconds into the sleep at which to die")
+    parser.add_argument("--durability", choices=["sync", "async", "exit"], default=None,
+                        help="LangGraph only: its durability mode (default: its own default)")
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be at least 1")

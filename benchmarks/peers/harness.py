@@ -91,7 +91,7 @@ def applies(system: System, case: Case) -> bool:
 def _driver(system: System, args: Iterable[str], timeout: float,
             expect_kill: bool = False) -> dict[str, Any]:
     """Run ``system``'s driver; the JSON object of its last stdout line."""
-    command = [str(system.python), str(system.script), *args]
+    command = [str(system.python), str(system.script), *args, *system.extra]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
                               check=False, env=_driver_env())

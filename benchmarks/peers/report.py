@@ -21,9 +21,9 @@ from .venvs import BENCH_DIR, REPO, System
 
 Summary = dict[str, dict[str, dict[str, Any]]]
 
-ORDER = ("wakepoint", "abstractruntime", "dbos", "langgraph")
+ORDER = ("wakepoint", "abstractruntime", "dbos", "langgraph", "langgraph-sync")
 LABEL = {"wakepoint": "wakepoint", "abstractruntime": "AbstractRuntime", "dbos": "DBOS",
-         "langgraph": "LangGraph"}
+         "langgraph": "LangGraph", "langgraph-sync": "LangGraph (sync)"}
 STORE_LABEL = {"memory": "memory", "sqlite": "SQLite", "jsonl": "JSONL"}
 
 NOTES = {
@@ -42,9 +42,14 @@ NOTES = {
             "1.0 s default makes each cycle ~2 s on SQLite) - tuned in its favour; crash and "
             "sleep: `DBOS.launch()` recovers (it re-enqueues pending workflows on its internal "
             "queue, which its queue thread then dequeues), `DBOS.sleep` is durable.",
-    "langgraph": "StateGraph, `InMemorySaver` / `SqliteSaver`, default durability; pause: "
-                 "`interrupt` + `Command(resume=...)`; crash: `invoke(None, config)` on the "
-                 "same thread; no durable timer (not faked).",
+    "langgraph": "StateGraph, `InMemorySaver` / `SqliteSaver`, default durability "
+                 "(`\"async\"`: a step's checkpoint is written while the next step runs); "
+                 "pause: `interrupt` + `Command(resume=...)`; crash: `invoke(None, config)` "
+                 "on the same thread; no durable timer (not faked).",
+    "langgraph-sync": "the same with `durability=\"sync\"` passed to every `invoke` (each "
+                      "checkpoint written before the next step starts); not LangGraph's "
+                      "default, shown for the crash question; it counts as a peer for the "
+                      "ratios.",
 }
 
 

@@ -35,14 +35,18 @@ class System:
     driver: str = ""
     python: Path = field(default=Path(), compare=False)
     """Interpreter to run the driver with; empty until ``ensure`` (tests point it elsewhere)."""
+    base: str = ""
+    """A variant of another system: its venv and driver, run with ``extra`` arguments."""
+    extra: tuple[str, ...] = ()
 
     @property
     def venv(self) -> Path:
-        return VENVS / self.name
+        return VENVS / (self.base or self.name)
 
     @property
     def script(self) -> Path:
-        return Path(__file__).resolve().parent / (self.driver or f"drive_{self.name}.py")
+        name = self.driver or f"drive_{self.base or self.name}.py"
+        return Path(__file__).resolve().parent / name
 
 
 WAKEPOINT = System(
@@ -55,6 +59,11 @@ PEERS = (
     System("dbos", ("dbos",), ("dbos", "sqlalchemy")),  # its driver answers "no memory mode"
     System("langgraph", ("langgraph", "langgraph-checkpoint-sqlite"),
            ("langgraph", "langgraph-checkpoint", "langgraph-checkpoint-sqlite")),
+    # Not a default, so not what the issue compares against, but the question every reader
+    # of the crash table asks: LangGraph with its checkpoints written before the next step.
+    System("langgraph-sync", ("langgraph", "langgraph-checkpoint-sqlite"),
+           ("langgraph", "langgraph-checkpoint", "langgraph-checkpoint-sqlite"),
+           base="langgraph", extra=("--durability", "sync")),
 )
 SYSTEMS = (WAKEPOINT, *PEERS)
 PLOT = System("plot", ("matplotlib",), ("matplotlib",), driver="plot.py")
