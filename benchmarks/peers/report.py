@@ -133,6 +133,8 @@ def readme_table(summary: Summary) -> list[str]:
             "crash at step 5: completed steps re-run | 2 s sleep, killed: woke late by |",
             "| --- | ---: | ---: | ---: | --- | ---: |"]
     for system in ORDER:
+        if not any(system in by_system for by_system in summary.values()):
+            continue  # not part of this run
         cols = []
         for case in ("linear/memory", "linear/sqlite", "pause"):
             cell = _cell(summary, case, system)
@@ -257,6 +259,10 @@ def write_results(path: Path, summary: Summary, meta: dict[str, Any]) -> None:
         "5. **memory**: `ru_maxrss` of each driver process (one workload per process; for "
         "crash and sleep, the recovering process).",
         "",
+        "Before the first round each driver runs once untimed, so that every measured process "
+        "starts with its bytecode compiled and its files in the page cache, as a restarted "
+        "deployment would.",
+        "",
         "Per system:",
         "",
     ]
@@ -338,11 +344,17 @@ def readme_block(summary: Summary, command: str) -> str:
     return "\n".join([
         BEGIN,
         "",
-        "Side by side with the peers (AbstractRuntime, DBOS, LangGraph; medians, same "
-        "machine, same run; details, versions, load and per-CPU figures in "
+        "Side by side with the peers (AbstractRuntime, DBOS, LangGraph, each on its durable "
+        "default; medians of one run on this 2-core VM, which other work shared; how each was "
+        "driven, versions, load, per-CPU figures and peak memory in "
         "[`benchmarks/RESULTS.md`](benchmarks/RESULTS.md)):",
         "",
         *readme_table(summary),
+        "",
+        "Against the issue's targets:",
+        "",
+        *[f"- {target}: {measured}" + {True: " - met", False: " - **not met**", None: ""}[met]
+          for target, measured, met in targets(summary)],
         "",
         "Reproduce (creates one venv per system under `benchmarks/.venvs/` and installs each "
         "from PyPI):",
