@@ -227,13 +227,42 @@ def bench_idle(url: str, root: Path, runs: int = 100_000, seconds: float = 30) -
             f"{cpu / os.sysconf('SC_CLK_TCK'):.2f} s")
 
 
-def bench_scaling(make_url: Any, root: Path, runs: int = 1000) -> str:
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a live process (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _server_cpu(postmaster: int | None) -> float:
+    """CPU seconds of the PostgreSQL postmaster and its live children (backends, WAL
+    writer...): what the database cost, apart from the workers."""
+    if postmaster is None:
+        return 0.0
+    total = _cpu_seconds(postmaster)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        if ppid == postmaster:
+            total += _cpu_seconds(int(entry.name))
+    return total
+
+
+def bench_scaling(make_url: Any, root: Path, runs: int = 1000,
+                  postmaster: int | None = None) -> str:
     from wakepoint.kernel import transitions as kernel
     from wakepoint.ledger.records import sign_entries
 
     os.environ["WAKEPOINT_TIMER_MS"] = "0"
     os.environ["WAKEPOINT_SIDE_FSYNC"] = "0"
     times: dict[int, float] = {}
+    cpu: dict[int, tuple[float, float]] = {}
     for workers in (1, 2):
         url = make_url(f"scale{workers}")
         home, side = root / f"home{workers}", root / f"side{workers}.log"
@@ -246,6 +275,7 @@ def bench_scaling(make_url: Any, root: Path, runs: int = 1000) -> str:
                                           tr.entries, tr.state.updated_at, prev_seq=-1,
                                           prev_head="")
             client.store.create(state, records)
+        server_before = _server_cpu(postmaster)
         fleet = [fleet_tests._spawn(url, home, side, concurrency=2, call_ms=0)
                  for _ in range(workers)]
         began = time.monotonic()
@@ -256,15 +286,25 @@ def bench_scaling(make_url: Any, root: Path, runs: int = 1000) -> str:
                       for r in (last, *(f"s-{i}" for i in range(runs)))):
             time.sleep(0.5)
         times[workers] = time.monotonic() - began
+        cpu[workers] = (sum(_cpu_seconds(child.pid) for child in fleet),
+                        _server_cpu(postmaster) - server_before)
         for child in fleet:
             child.send_signal(signal.SIGTERM)
         for child in fleet:
             child.wait(20)
         client.close()
     del os.environ["WAKEPOINT_TIMER_MS"], os.environ["WAKEPOINT_SIDE_FSYNC"]
-    return (f"scaling  postgresql: {runs} runs x 12 transitions: 1 worker {times[1]:.1f} s "
-            f"({runs * 12 / times[1]:.0f} transitions/s), 2 workers {times[2]:.1f} s "
-            f"({runs * 12 / times[2]:.0f}/s): {times[1] / times[2]:.2f}x")
+    transitions = runs * 12
+
+    def row(n: int) -> str:
+        workers_cpu, server_cpu = cpu[n]
+        return (f"{n} worker{'s' if n > 1 else ''} {times[n]:.1f} s "
+                f"({transitions / times[n]:.0f} transitions/s; CPU: workers {workers_cpu:.1f} s "
+                f"+ PostgreSQL {server_cpu:.1f} s = "
+                f"{transitions / (workers_cpu + server_cpu):.0f} transitions per CPU-s)")
+
+    return (f"scaling  postgresql: {runs} runs x 12 transitions: {row(1)}; {row(2)}: "
+            f"{times[1] / times[2]:.2f}x wall; load average {os.getloadavg()[0]:.1f}")
 
 
 def main() -> int:
@@ -310,7 +350,8 @@ def main() -> int:
                 print(lines[-1], flush=True)
             if "scaling" in wanted:
                 (root / "scaling").mkdir()
-                lines.append(bench_scaling(pg_url, root / "scaling"))
+                lines.append(bench_scaling(pg_url, root / "scaling",
+                                           postmaster=server.pid if server else None))
                 print(lines[-1], flush=True)
     finally:
         if server is not None:

@@ -325,13 +325,17 @@ class _Statements:
 _Indexed = tuple[str, str, str | None, str | None, int | None]
 
 
+_STATUS = {status: status.value for status in Status}
+"""``Status.value`` by dict: an enum's ``value`` is a descriptor call, on every commit."""
+
+
 def _indexed(state: RunState) -> _Indexed:
     """The columns of ``wp_runs`` a commit may change besides ``state`` and ``seq``."""
     wait = state.wait
     if wait is None:
-        return (state.status.value, state.version, None, None, None)
+        return (_STATUS[state.status], state.version, None, None, None)
     due = None if wait.deadline is None else to_us(wait.deadline)
-    return (state.status.value, state.version, wait.kind, wait.key, due)
+    return (_STATUS[state.status], state.version, wait.kind, wait.key, due)
 
 
 def _columns(state: RunState, indexed: _Indexed) -> dict[str, Any]:
@@ -637,9 +641,12 @@ class SqlStore:
 
     def _committed(self) -> None:
         """Tell SQLite's checkpointer (started on the first commit) that the WAL grew."""
+        checkpointer = self._checkpointer
+        if checkpointer is not None:
+            checkpointer.note()
+            return
         if self._backend != "sqlite":
             return
-        checkpointer = self._checkpointer
         if checkpointer is None:
             with self._lock:
                 if self._closed:
@@ -812,12 +819,15 @@ class SqlStore:
         with self._frontier_lock:
             frontier = self._frontier
             rows = self._query(self._sql.hashes_after, {"b_size": frontier.size})
-            for position, record_hash in rows:
-                if position != frontier.size + 1:
-                    raise CorruptStore(f"{self._shown} {WP_RECORDS.name}", int(position),
-                                       f"global positions jump from {frontier.size} to "
-                                       f"{position}: the ledger is damaged")
-                frontier.append(bytes.fromhex(record_hash))
+            if rows and int(rows[-1][0]) != frontier.size + len(rows):
+                expected = frontier.size
+                for position, _ in rows:  # find the first hole, to name it
+                    expected += 1
+                    if int(position) != expected:
+                        raise CorruptStore(f"{self._shown} {WP_RECORDS.name}", int(position),
+                                           f"global positions jump from {expected - 1} to "
+                                           f"{position}: the ledger is damaged")
+            frontier.extend([bytes.fromhex(record_hash) for _, record_hash in rows])
             size = frontier.size
             existing = self._query(self._sql.checkpoint_at, {"b_size": size})
             if existing:

@@ -143,3 +143,26 @@ def test_verifier_accepts_a_store_with_checkpoints(url: str) -> None:
     assert report.ok, report
     assert report.checkpoint is not None
     assert report.uncovered == 0  # the checkpoint covers every record
+
+
+def test_checkpoint_refuses_a_hole_in_the_global_order(url: str) -> None:
+    """A record deleted behind the store's back leaves a hole in the positions: the next
+    checkpoint names it (``CorruptStore``) instead of signing a tree over a damaged ledger."""
+    from wakepoint.kernel.errors import CorruptStore
+
+    store = SqlStore(url)
+    try:
+        h = Harness(store)
+        h.start(COUNTER, "r", 1)
+        h.drive("r", 3)
+        engine = create_engine(url, poolclass=NullPool)
+        try:
+            with engine.begin() as conn:
+                conn.exec_driver_sql("DELETE FROM wp_records WHERE position = 2")
+        finally:
+            engine.dispose()
+        with pytest.raises(CorruptStore, match="positions jump from 1 to 3"):
+            store.checkpoint(h.signer)
+        assert store.checkpoints() == []
+    finally:
+        store.close()
