@@ -26,8 +26,12 @@ Engine settings per durability mode (``connection hook`` below, one per new DBAP
   (``wal_autocheckpoint=0``: SQLite would otherwise make every ~250th commit wait for two
   fsyncs, which costs a third of the commit rate); ``SqliteCheckpointer`` runs them in a
   background thread every ``CHECKPOINT_SECONDS`` or ``CHECKPOINT_COMMITS`` commits, so
-  ``batch`` loses at most about that window on power loss.  (When the last connection to a
-  database closes, SQLite checkpoints too.)
+  ``batch`` loses at most about that window on power loss or an OS crash: whole commits,
+  the newest ones (WAL recovery keeps the longest valid prefix of frames).  A crash of the
+  *process* loses nothing in any mode: ``COMMIT`` has written the WAL frames to the file
+  (the OS page cache) before it returns.  The checkpointer also keeps the WAL from growing
+  without bound under a steady stream of commits (see ``SqliteCheckpointer``).  (When the
+  last connection to a database closes, SQLite checkpoints too.)
 * PostgreSQL: ``synchronous_commit=off`` for ``batch`` and ``none`` - a commit returns before
   its WAL record is flushed, and the WAL writer flushes every ``wal_writer_delay`` (200 ms by
   default) for all sessions at once: group commit by the server, and a server crash can lose
