@@ -72,18 +72,21 @@ Choices, and why:
   contract allows.  A failed background fsync is raised by the next commit, ``flush`` or
   ``close``.
 * **Global order.**  Run files say nothing about the order of records across runs, which
-  checkpoints and key validity need; ``index.jsonl`` does.  Each commit appends its run line,
-  then - still under the run's lock - its index line, with one ``write`` on a shared
-  ``O_APPEND`` fd (whole lines never interleave, between threads or processes), so the index
-  lists a record only once it is stored, and a run's records in seq order.  A writer that
-  dies between the two writes leaves its commit unindexed: the next writer of that run finds
-  out (its cached knowledge of what is indexed does not match the run's last seq; it scans
-  the index lines written since it last looked) and appends the missing lines before its
-  own, and ``repair_index()`` (run by ``Runtime.recover()``) does it for every run.  The
-  index is made durable with the run files (same group commit).  Checkpoints
-  (``checkpoint(signer)``) fold the index incrementally into a Merkle frontier; see there.
-  Limit: a power loss in ``batch`` mode may keep an index line whose run line it lost; the
-  verifier then reports that commit as missing from its run.
+  checkpoints and key validity need; ``index.jsonl`` (created with the store) does.  A commit's
+  records are listed there after its run line is written and while the run's lock is still
+  held, with one ``write`` on a shared ``O_APPEND`` fd (whole lines never interleave, between
+  threads or processes), so the index lists a record only once it is stored, and a run's
+  records in seq order.  Consecutive commits of a run that keeps RUNNING share one index line,
+  written when it stops running (waits, dispatches an effect, ends) or its lock is released:
+  one index write per drive instead of one per node, and the index never lags a run that is
+  blocked.  A writer that dies before writing that line leaves those commits unindexed: the
+  next writer of the run finds out (its knowledge of what is indexed does not match the run's
+  last seq, so it scans the index lines written since it last looked) and lists them before its
+  own, and ``repair_index()`` (run by ``Runtime.recover()``) does it for every run.  The index
+  is made durable with the run files (same group commit).  Checkpoints (``checkpoint(signer)``)
+  fold the index incrementally into a Merkle frontier; see there.  Limit: a power loss in
+  ``batch`` mode may keep an index line whose run line it lost; the verifier then reports that
+  commit as missing from its run.
 * **Torn last line.**  A crash mid-write leaves a last line without ``\\n``.  Readers ignore
   it; the next writer, under the lock, truncates the file back to the last ``\\n`` before it
   appends, so its line never glues onto the garbage.  A file with no complete line at all is
@@ -227,14 +230,18 @@ class _Run:
     """Per-run process-local machinery: the in-process lock, the append fd (whose ``flock``
     is the run's inter-process lock)."""
 
-    __slots__ = ("depth", "fd", "fresh", "lease_path", "mutex", "name", "owner",
-                 "path", "run_id", "users")
+    __slots__ = ("depth", "fd", "fresh", "leaf_seq", "lease_path", "leaves", "mutex", "name",
+                 "owner", "path", "run_id", "users")
 
-    def __init__(self, run_id: str, name: str, root: Path) -> None:
+    def __init__(self, run_id: str, name: str, runs_dir: str, leases_dir: str) -> None:
         self.run_id = run_id
         self.name = name
-        self.path = str(root / "runs" / (name + _SUFFIX))
-        self.lease_path = str(root / "leases" / (name + ".json"))
+        self.path = os.path.join(runs_dir, name + _SUFFIX)
+        self.lease_path = os.path.join(leases_dir, name + ".json")
+        self.leaves: list[str] = []
+        """Record hashes committed under the current lock but not yet in the index."""
+        self.leaf_seq = 0
+        """The seq of ``leaves[0]``."""
         self.mutex = threading.RLock()
         self.depth = 0
         """Nesting of lock sections of the thread owning ``mutex``; > 0 while it holds the flock."""
@@ -380,6 +387,7 @@ class JsonlStore:
         self._max_open = max_open
         self._syncfs = _SYNCFS if syncfs else None
         self._runs_dir = str(self.path / "runs")
+        self._leases_dir = str(self.path / "leases")
         for sub in ("runs", "locks", "leases"):
             (self.path / sub).mkdir(parents=True, exist_ok=True)
         self.log_id = self._open_log(log_id)
@@ -414,6 +422,10 @@ class JsonlStore:
         self._cp_offset = 0  # bytes of index.jsonl folded into ``_frontier``
         self._frontier = Frontier()
         self._cp_last: tuple[int, str] | None = None  # the last stored checkpoint seen
+        self._index_error: StoreError | None = None  # an index line a lock release lost
+        # Created with the store, so that a store's ledger always has its global order: a
+        # verifier that finds no index.jsonl can then tell it was removed.
+        self._index()
         self.repaired: list[tuple[str, int, int]] = []
         """``(run_id, first seq, last seq)`` of every index repair this instance made."""
 
@@ -481,7 +493,8 @@ class JsonlStore:
             if run is None:
                 if self._closed:
                     raise StoreError(f"{self!r} is closed")
-                run = self._runs[run_id] = _Run(run_id, file_name(run_id), self.path)
+                run = self._runs[run_id] = _Run(run_id, file_name(run_id), self._runs_dir,
+                                                self._leases_dir)
                 run.users = 1  # pinned before evicting, or it could evict itself
                 if len(self._runs) > self._max_open:
                     self._evict()
@@ -548,6 +561,11 @@ class JsonlStore:
     def _unlock_run(self, run: _Run) -> None:
         run.depth -= 1
         if run.depth == 0:
+            if run.leaves:  # the index lines of this lock's commits, before anyone else's
+                try:
+                    self._flush_leaves(run)
+                except StoreError as exc:  # raised from flush() / checkpoint(); see there
+                    self._index_error = exc
             # Once the file lock is released another process may append: distrust the cache.
             run.owner = None
             run.fresh = False
@@ -589,7 +607,6 @@ class JsonlStore:
         check_append(state.run_id, -1, state, records)
         self._raise_error()
         line = _encode_line(state, records)
-        leaf = _leaf_line(state.run_id, records) if records else b""
         # Under the run's lock, so that a crashed creator's empty file (no complete line) can
         # be taken over without racing a live creator that has not written its line yet: the
         # file's size is read only once the lock is ours.
@@ -606,7 +623,7 @@ class JsonlStore:
             # An empty file is (almost always) one this create's hold just made: its directory
             # entry needs an fsync in sync mode.  For a crashed creator's empty file that
             # fsync is merely redundant.
-            self._append(run, fd, snap, line, leaf, state, new_file=size == 0)
+            self._append(run, fd, snap, line, records, state, new_file=size == 0)
 
     def commit(
         self, run_id: str, expected_seq: int, state: RunState, records: Sequence[Record]
@@ -619,26 +636,26 @@ class JsonlStore:
         check_append(run_id, expected_seq, state, records)
         self._raise_error()
         line = _encode_line(state, records)  # outside every lock: pure CPU work
-        leaf = _leaf_line(run_id, records) if records else b""
         run = self._runs.get(run_id)
         if run is not None and run.owner == threading.get_ident():
             # Inside this thread's ``hold``: the run is pinned, its mutex and file lock are
             # ours, so none of them is taken again (the runtime commits every node this way).
-            self._commit_locked(run, expected_seq, line, leaf, state)
+            self._commit_locked(run, expected_seq, line, records, state)
             return
         run = self._checkout(run_id)
         try:
             with run.mutex:
                 self._lock_run(run)  # RunNotFound when there is no file: nothing is created
                 try:
-                    self._commit_locked(run, expected_seq, line, leaf, state)
+                    self._commit_locked(run, expected_seq, line, records, state)
                 finally:
                     self._unlock_run(run)
         finally:
             self._checkin(run)
 
     def _commit_locked(
-        self, run: _Run, expected_seq: int, line: bytes, leaf: bytes, state: RunState
+        self, run: _Run, expected_seq: int, line: bytes, records: Sequence[Record],
+        state: RunState,
     ) -> None:
         """Check the seq and append; the caller holds the run's mutex and file lock."""
         fd = run.fd
@@ -660,14 +677,14 @@ class JsonlStore:
             raise RunNotFound(run.run_id)
         if snap.state.seq != expected_seq:
             raise ConflictError(run.run_id, expected_seq, snap.state.seq)
-        self._append(run, fd, snap, line, leaf, state, new_file=False)
+        self._append(run, fd, snap, line, records, state, new_file=False)
 
     def _append(
-        self, run: _Run, fd: int, snap: _Snap, line: bytes, leaf: bytes, state: RunState, *,
-        new_file: bool,
+        self, run: _Run, fd: int, snap: _Snap, line: bytes, records: Sequence[Record],
+        state: RunState, *, new_file: bool,
     ) -> None:
-        """Write one commit line, then its index line; caller holds the run's lock and has
-        checked the seq."""
+        """Write one commit line and queue its records for the index; caller holds the run's
+        lock and has checked the seq."""
         if snap.clean != snap.size:
             # A torn line from a crashed writer: cut it off, or our line would extend it.
             os.ftruncate(fd, snap.clean)
@@ -693,13 +710,19 @@ class JsonlStore:
         size = snap.clean + written
         self._snaps[run.name] = _Snap(size, size, state)
         run.fresh = True
-        if leaf:
-            # After the run line and still under the run's lock: the index lists a record
-            # only once it is stored, and a run's records in seq order.
-            self._write_index(leaf, mark=False)
-            self._indexed[run.name] = state.seq
+        if records:
+            # Listed in the index after the run line and still under the run's lock, so the
+            # index lists a record only once it is stored, and a run's records in seq order.
+            # Consecutive commits of a run that keeps running share one index line, written
+            # when the run stops running (it waits, dispatches an effect, or ends) or when
+            # the lock is released - whichever comes first.
+            if not run.leaves:
+                run.leaf_seq = records[0].seq
+            run.leaves.extend([r.hash for r in records])
+            if state.status is not Status.RUNNING:
+                self._flush_leaves(run)
         if not self._sync:
-            self._mark_dirty(run, new_file, bool(leaf))
+            self._mark_dirty(run, new_file)
 
 
     # --- the store-wide index and checkpoints ---------------------------------------------
@@ -773,9 +796,21 @@ class JsonlStore:
             if indexed.get(name, -1) < last:
                 indexed[name] = last
 
+    def _flush_leaves(self, run: _Run) -> None:
+        """Write the run's queued record hashes as one index line; caller holds its lock.
+
+        On failure the hashes are dropped and ``_indexed`` is not advanced, so the run's
+        next writer (or ``repair_index``) lists them from the run file."""
+        hashes, run.leaves = run.leaves, []
+        self._write_index(b'{"run_id":%s,"seq":%d,"hashes":["%s"]}\n' % (
+            _encoder.encode(run.run_id), run.leaf_seq, '","'.join(hashes).encode()))
+        self._indexed[run.name] = run.leaf_seq + len(hashes) - 1
+
     def _ensure_indexed(self, run: _Run, seq: int) -> None:
         """Append to the index the run's records up to ``seq`` that it lacks; the caller holds
         the run's lock (so no writer of this run is between its two writes)."""
+        if run.leaves:
+            self._flush_leaves(run)
         if self._indexed.get(run.name, -1) >= seq:
             return
         self._scan_index()
@@ -882,17 +917,15 @@ class JsonlStore:
 
     # --- durability ------------------------------------------------------------------------
 
-    def _mark_dirty(self, run: _Run, new_file: bool, indexed: bool) -> None:
+    def _mark_dirty(self, run: _Run, new_file: bool) -> None:
         with self._lock:
             self._dirty[run.run_id] = run.path
-            if indexed:
-                self._dirty[_INDEX_KEY] = self._index_path
-            self._dir_dirty = self._dir_dirty or new_file
+            if new_file:
+                self._dir_dirty = True
             if not self._batch:
                 return  # "none": tracked only so that an explicit flush() covers it
-            now = time.monotonic()
             if self._pending == 0:
-                self._first_pending = now
+                self._first_pending = time.monotonic()
                 self._wake.set()
                 if self._flusher is None:
                     self._flusher = threading.Thread(
@@ -901,14 +934,13 @@ class JsonlStore:
                     )
                     self._flusher.start()
             self._pending += 1
-            # The batch is due: hand the fsync to the flusher, which runs it without the GIL
-            # while commits go on (an inline fsync here cost ~18 us per commit on average).
-            # Only a flusher that falls far behind makes the committer wait (backpressure).
+            # A full batch is due now: hand the fsync to the flusher, which runs it without
+            # the GIL while commits go on (an inline fsync here cost ~18 us per commit on
+            # average); a batch that does not fill up is due when the flusher's own wait for
+            # ``batch_ms`` ends.  Only a flusher that falls far behind makes the committer
+            # wait (backpressure).
             backlog = self._pending >= self._batch_commits * _BACKLOG
-            if not backlog and not self._due.is_set() and (
-                self._pending >= self._batch_commits
-                or now - self._first_pending >= self._batch_s
-            ):
+            if self._pending == self._batch_commits:
                 self._due.set()
         if backlog:
             self._flush()
@@ -1005,9 +1037,16 @@ class JsonlStore:
                 raise StoreError(f"{self.path}: a background fsync failed: {error}") from error
 
     def flush(self) -> None:
-        """Make every returned commit durable now, whatever the durability mode."""
+        """Make every returned commit durable now, whatever the durability mode.
+
+        Also raises (once) a ``StoreError`` for an index line that could not be written when
+        a run's lock was released: those records are stored, and the run's next writer or
+        ``repair_index()`` lists them."""
         self._raise_error()
         self._flush()
+        error, self._index_error = self._index_error, None
+        if error is not None:
+            raise error
 
     def close(self) -> None:
         """Stop the flusher, flush (``sync``/``batch``) and close every fd; idempotent.
@@ -1035,6 +1074,9 @@ class JsonlStore:
                         os.close(run.fd)
                         run.fd = None
                 self._runs.clear()
+                if self._index_fd is not None:
+                    os.close(self._index_fd)
+                    self._index_fd = None
 
     # --- reading -------------------------------------------------------------------------
 

@@ -125,7 +125,7 @@ _DIE_BETWEEN_WRITES = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("die_at", [2, 3])
+@pytest.mark.parametrize("die_at", [1, 2])
 def test_a_writer_dying_between_its_two_writes_is_repaired(tmp_path: Path, die_at: int) -> None:
     """A real process dies (os._exit) right after a commit's run line, before its index
     line.  The verifier then sees the commit missing from the index; the run's next writer
@@ -145,7 +145,7 @@ def test_a_writer_dying_between_its_two_writes_is_repaired(tmp_path: Path, die_a
         rt.recover()
         repaired = rt.store.repaired  # type: ignore[attr-defined]
         assert repaired, "recover() found the unindexed commit"
-        if die_at == 3:  # waiting-run was created (unindexed); answer it
+        if die_at == 2:  # waiting-run was created (unindexed); answer it
             rt.respond("waiting-run", "no")
         else:  # the process died before it started waiting-run
             assert rt.list(workflow="approval") == []
@@ -161,8 +161,9 @@ def test_next_writer_repairs_its_runs_index_without_recover(tmp_path: Path) -> N
     last commit is not indexed, appends it first, and the ledger verifies."""
     root = tmp_path / "store"
     script = _DIE_BETWEEN_WRITES.replace("@TESTS@", repr(str(Path(__file__).parent)))
-    # linear: 2 commits (start+first, second); approval: 1 commit (start+ask) -> the 3rd.
-    proc = subprocess.run([sys.executable, "-c", script, str(root), "3"],
+    # The linear run's commits share one index line (written when it ends); the approval
+    # run's first commit (it waits) writes the second: the process dies right before it.
+    proc = subprocess.run([sys.executable, "-c", script, str(root), "2"],
                           check=False, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 9, proc.stderr
     with Runtime(f"jsonl:{root}", [approval, linear]) as rt:
