@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from operator import methodcaller
 
 _sha256 = hashlib.sha256
+_digest = methodcaller("digest")
+_NODE = b"\x01"
 EMPTY_ROOT = _sha256(b"").digest()
 
 
@@ -195,8 +198,10 @@ class Frontier:
                 block = min(block, size & -size)  # keep complete subtrees aligned
             level = list(leaves[i:i + block])
             while len(level) > 1:
-                level = [_sha256(b"\x01" + a + b).digest()
-                         for a, b in zip(level[::2], level[1::2], strict=True)]
+                # Every step a C-level map (no Python frame per node): concatenate the
+                # pair, prefix 0x01, hash, digest.
+                level = list(map(_digest, map(_sha256, map(_NODE.__add__, map(
+                    bytes.__add__, level[::2], level[1::2])))))
             stack.append(level[0])
             k = size // block
             while k & 1:

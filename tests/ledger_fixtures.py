@@ -15,7 +15,7 @@ from pathlib import Path
 from wakepoint import Runtime, Workflow, done, goto, wait_event
 from wakepoint.kernel.types import RunState
 from wakepoint.ledger.keys import Signer
-from wakepoint.ledger.logindex import INDEX_FILE, append_checkpoint, append_leaves, leaf_line
+from wakepoint.ledger.logindex import append_checkpoint, append_leaves
 from wakepoint.ledger.records import Record, parse_body
 from wakepoint.ledger.rotation import SEALED, rotation_record, seal_record
 from wakepoint.ledger.trust import TrustRoot
@@ -23,6 +23,10 @@ from wakepoint.stores import Store
 from wakepoint.stores.jsonl import JsonlStore
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+STORE_INDEXES = hasattr(JsonlStore, "repair_index")
+"""Whether the JSONL store keeps ``index.jsonl`` itself (it repairs it after a crash)."""
 
 
 class IndexedStore(JsonlStore):
@@ -36,11 +40,8 @@ class IndexedStore(JsonlStore):
     checkpoint = None
 
     def _ensure_indexed(self, run_id: str, records: Sequence[Record]) -> None:
-        line = leaf_line(run_id, records[0].seq, [r.hash for r in records])
-        index = Path(self.path) / INDEX_FILE
-        if index.exists() and index.read_bytes().endswith(line):
-            return  # the store wrote it
-        append_leaves(self.path, run_id, records[0].seq, [r.hash for r in records])
+        if not STORE_INDEXES:
+            append_leaves(self.path, run_id, records[0].seq, [r.hash for r in records])
 
     def create(self, state: RunState, records: Sequence[Record]) -> None:
         super().create(state, records)
