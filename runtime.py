@@ -663,24 +663,28 @@ class Runtime:
         if pending is not None:
             state = self._sign(pending, records)
         debug = self._log.debug
+        # Locals: this loop runs once per node of every run (the hot path of every store).
+        tick, clock, sign, store, running = (
+            kernel.tick, self.clock, self._sign, self._store, Status.RUNNING)
         first = True
         try:
             with self.store.hold(state.run_id):
                 while True:
                     effect: Effect | None = None
-                    if state.status is Status.RUNNING:
+                    if state.status is running:
                         try:
-                            tr = kernel.tick(wf, state, self.clock())
+                            tr = tick(wf, state, clock())
                         except WakepointError:
                             if records:  # keep the input; the node's failure is the caller's
-                                self._store(committed, state, records)
+                                store(committed, state, records)
                             raise
-                        state = self._sign(tr, records)
+                        state = sign(tr, records)
                         debug("transition", run_id=state.run_id, workflow=state.workflow,
                               node=state.node, step=state.step, kind=tr.entries[0].kind)
-                        effect = tr.effects[0] if tr.effects else None
+                        if tr.effects:
+                            effect = tr.effects[0]
                     if records:
-                        self._store(committed, state, records)
+                        store(committed, state, records)
                         committed, records, first = state, [], False
                     if effect is not None:
                         # The request is committed: now the handler may act on it.
@@ -688,7 +692,7 @@ class Runtime:
                         if outcome is not None:
                             state = self._sign(outcome, records)
                             continue
-                    if state.status is not Status.RUNNING:
+                    if state.status is not running:
                         break
         except ConflictError:
             if strict and first:
