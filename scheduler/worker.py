@@ -32,22 +32,21 @@ What is exactly-once, and what is not (several workers, or workers next to clien
   that expires while its holder still drives the run (a node function stuck for longer than
   ``lease`` while its renewal could not reach the store, or a suspended process; the worker
   logs ``lease.lost``) costs duplicate node executions, never a duplicate commit.
-* **``call`` effects.**  A call is dispatched by the process whose commit recorded the
+* **``call`` effects.** A call is dispatched by the process whose commit recorded the
   request - one process, by the rule above - and by no one else while that process lives: a
-  run WAITING on an effect is never handed out by ``claim``, whatever its lease says (the
-  renewal above is for RUNNING runs: long nodes).  If that process dies before the outcome
-  is committed, the request is *orphaned*; the orphan sweep (every ``orphan_after / 2``
-  seconds, jittered, and at start-up) dispatches again every effect whose request is older
-  than ``orphan_after``, with the same idempotency key (``run_id:step``).  So a function may
-  run twice only (a) after its dispatcher died, or (b) when it runs longer than
-  ``orphan_after`` (set it above your longest call: attempts x timeout + backoff), or (c)
-  when two workers sweep the same orphan at the same moment.  In every case the outcome is
-  committed once (the second commit conflicts), and a function that keys its side effect on
-  ``idempotency_key`` takes effect once.
-* **Why staleness and not the lease** decides that an effect is orphaned: the store protocol
-  only exposes leases through ``claim`` of runs that need a worker, and a WAITING-on-effect
-  run does not.  A store-side ``claim`` of "WAITING on an effect, lease expired" runs, with
-  the dispatcher renewing its lease, would make (b) and (c) go away; it needs a store change.
+  run WAITING on an effect is never handed out by ``claim``, whatever its lease says, and a
+  worker driving a run holds (and renews) the run's lease while the call runs. If that
+  process dies before the outcome is committed, the request is *orphaned*; the orphan sweep
+  (every ``orphan_after / 2`` seconds, jittered, and at start-up) looks at every effect
+  whose request is older than ``orphan_after`` and, on a store with ``take`` (SQL), first
+  takes the run's lease: a live dispatcher still holds it, and of several sweepers only one
+  gets it. It then dispatches the effect again with the same idempotency key
+  (``run_id:step``). So on SQL a function runs twice only after its dispatcher died mid-call
+  (or, dispatched by a plain client process that holds no lease, when it runs longer than
+  ``orphan_after``); on a store without ``take`` also when it runs longer than
+  ``orphan_after`` or when two workers sweep the same orphan at the same moment. In every
+  case the outcome is committed once (the second commit conflicts), and a function that keys
+  its side effect on ``idempotency_key`` takes effect once.
 
 Shutdown (``stop()``, SIGTERM, SIGINT): stop claiming, let every pool thread finish the run it
 drives until that run blocks or finishes (a running ``call`` is not interrupted), release the
@@ -133,7 +132,9 @@ class Worker:
         self._stopped = threading.Event()
         self._running = False
         self._lock = threading.Lock()
-        # run id -> (when its lease expires, whether it is an orphan re-dispatch: no lease)
+        # run id -> (when its lease expires, whether this worker holds a lease on it in the
+        # store: claimed, or an orphan taken with ``take``; not: an orphan swept from a store
+        # without ``take``, or a lease found lost)
         self._inflight: dict[str, tuple[datetime, bool]] = {}
         self._lost: set[str] = set()  # claimed runs whose renewal was refused
         self._reported: datetime | None = None  # earliest deadline on_due told since arming
@@ -264,21 +265,21 @@ class Worker:
             with self._lock:
                 if state.run_id in self._inflight:
                     continue  # our own run, still being driven: the claim renewed its lease
-                self._inflight[state.run_id] = (now + self.lease, False)
+                self._inflight[state.run_id] = (now + self.lease, True)
                 if len(self._inflight) == 1:
                     self._next_renewal = now + self.lease / RENEW_FRACTION
             fresh += 1
             self.stats["claim"] += 1
             self._log.debug("claim", run_id=state.run_id, workflow=state.workflow,
                             node=state.node, step=state.step, status=state.status.value)
-            self._submit(self._work, state, redispatch=False)
+            self._submit(self._work, state, redispatch=False, leased=True)
         return fresh >= free
 
     @property
     def _renewing(self) -> bool:
         """Whether some claimed run is being driven (its lease needs renewing)."""
         with self._lock:
-            return any(not redispatch for _, redispatch in self._inflight.values())
+            return any(leased for _, leased in self._inflight.values())
 
     def _renew(self, now: datetime) -> None:
         """Renew the lease of every claimed run a pool thread is driving (a node or ``call``
@@ -287,8 +288,7 @@ class Worker:
         if self._renew_fn is None:
             return
         with self._lock:
-            held = [run_id for run_id, (_, redispatch) in self._inflight.items()
-                    if not redispatch]
+            held = [run_id for run_id, (_, leased) in self._inflight.items() if leased]
         for run_id in held:
             try:
                 renewed = self._renew_fn(run_id, self.worker_id, self.lease, now)
@@ -299,11 +299,11 @@ class Worker:
                 if run_id not in self._inflight:
                     continue  # finished meanwhile (and released)
                 if renewed:
-                    self._inflight[run_id] = (now + self.lease, False)
+                    self._inflight[run_id] = (now + self.lease, True)
                     continue
                 # Lost for good: reported once, here; the drive goes on (the store's seq
                 # check keeps its commits single) and is not renewed again.
-                self._inflight[run_id] = (self._inflight[run_id][0], True)
+                self._inflight[run_id] = (self._inflight[run_id][0], False)
                 self._lost.add(run_id)
             self.stats["lease.lost"] += 1
             self._log.warning("lease.lost", run_id=run_id, lease=self.lease.total_seconds())
@@ -312,7 +312,7 @@ class Worker:
         assert self._pool is not None
         self._pool.submit(fn, *args, **kwargs)
 
-    def _work(self, state: RunState, *, redispatch: bool) -> None:
+    def _work(self, state: RunState, *, redispatch: bool, leased: bool) -> None:
         """Drive one claimed (or orphaned) run in a pool thread, then give its lease back."""
         run_id = state.run_id
         log = self._log.bind(run_id=run_id, workflow=state.workflow)
@@ -335,11 +335,11 @@ class Worker:
                 held = self._inflight.pop(run_id, None)
                 reported = run_id in self._lost
                 self._lost.discard(run_id)
-            expires = None if held is None or reported else held[0]
+            expires = None if held is None or reported or not leased else held[0]
             if expires is not None and self.runtime.clock() > expires:
                 self.stats["lease.lost"] += 1
                 log.warning("lease.lost", lease=self.lease.total_seconds())
-            if not redispatch:
+            if leased:
                 self._release(run_id)
             self._wake.set()  # a thread is free
 
@@ -410,6 +410,8 @@ class Worker:
         half = self.orphan_after.total_seconds() / 2
         self._next_sweep = now + timedelta(seconds=half * (1 + random.random()))
         cutoff = now - self.orphan_after
+        take: Callable[[str, str, timedelta, datetime], bool] | None = getattr(
+            self.runtime.store, "take", None)
         for kind in ("effect", "child"):
             for state in self.runtime.store.list(status=Status.WAITING, wait_kind=kind):
                 if state.updated_at > cutoff or not self._serves(state.workflow):
@@ -417,8 +419,25 @@ class Worker:
                 with self._lock:
                     if state.run_id in self._inflight:
                         continue
-                    self._inflight[state.run_id] = (now + self.orphan_after, True)
-                self._submit(self._work, state, redispatch=True)
+                if take is not None:
+                    # The lease decides, not the age alone: a live dispatcher holds (and
+                    # renews) the run's lease while its call runs, and of several sweepers
+                    # only one can take a free lease.
+                    try:
+                        taken = take(state.run_id, self.worker_id, self.lease, now)
+                    except Exception as exc:  # the store is unreachable: next sweep
+                        self._log.warning("orphan.take_failed", run_id=state.run_id,
+                                          error=str(exc))
+                        continue
+                    if not taken:
+                        continue
+                with self._lock:
+                    if state.run_id in self._inflight:  # claimed meanwhile by our loop
+                        continue
+                    self._inflight[state.run_id] = (
+                        (now + self.lease, True) if take is not None
+                        else (now + self.orphan_after, False))
+                self._submit(self._work, state, redispatch=True, leased=take is not None)
 
     def _serves(self, workflow: str) -> bool:
         try:

@@ -14,6 +14,7 @@ from .base import (
     Store,
     StoreError,
     SupportsCheckpoints,
+    SupportsTake,
 )
 from .memory import MemoryStore
 
@@ -46,5 +47,6 @@ __all__ = [
     "Store",
     "StoreError",
     "SupportsCheckpoints",
+    "SupportsTake",
     "open_store",
 ]

@@ -24,8 +24,16 @@ changes both in one atomic ``commit``.  Contract (the conformance suite in
 * ``hold(run_id)``: a context manager under which this process drives one run; stores that lock
   per run (JSONL) take the lock once for the whole drive instead of once per commit.
 
-Optional (not part of ``Store``; callers check with ``getattr``), for stores that keep the
-ledger's global order and sign checkpoints of it (``SupportsCheckpoints``):
+Optional (not part of ``Store``; callers check with ``getattr``):
+
+* ``take(run_id, worker, lease, now) -> bool`` (``SupportsTake``): lease one given run to
+  ``worker`` until ``now + lease`` unless another worker holds an unexpired lease on it,
+  whatever the run's state (``claim`` hands out only runs that need a worker).  The worker's
+  orphan sweep takes a run WAITING on an effect before dispatching the effect again, so that
+  a live dispatcher (which holds and renews that lease) and a second sweeper are kept out.
+
+For stores that keep the ledger's global order and sign checkpoints of it
+(``SupportsCheckpoints``):
 
 * ``checkpoint(signer) -> str``: sign a C2SP checkpoint over every record committed so far in
   the store's global order, store it, and return the note; a size already checkpointed
@@ -123,6 +131,15 @@ class Store(Protocol):
 
     def close(self) -> None:
         """Flush and release resources; the store is unusable afterwards."""
+        ...
+
+
+@runtime_checkable
+class SupportsTake(Protocol):
+    """``take`` (see the module docstring); optional until every store has it."""
+
+    def take(self, run_id: str, worker: str, lease: timedelta, now: datetime) -> bool:
+        """Lease ``run_id`` to ``worker`` unless another worker holds an unexpired lease."""
         ...
 
 

@@ -1075,6 +1075,36 @@ def check_renew(store: Store) -> None:
     _equal(renew("unknown", "w1", lease, now), False, "renew of an unknown run")
 
 
+def check_take(store: Store) -> None:
+    """``take`` (``SupportsTake``) leases one given run whatever its state, unless another
+    worker holds an unexpired lease: a WAITING run (which ``claim`` never hands out) is
+    taken; a second taker is refused until the lease expires or is released; the holder
+    may take it again (extending it); an unknown run is refused."""
+    take = getattr(store, "take", None)
+    if take is None:
+        raise _fail("take", f"{type(store).__name__} has no take(run_id, worker, lease, now)")
+    h = Harness(store)
+    h.start(CALL, "r1", {"key": "evt:k0", "data": 3, "boom": False})
+    h.tick("r1")  # WAITING on its effect: not claimable, but takeable
+    lease = timedelta(seconds=10)
+    now = h.now
+    _equal(store.claim(now, "w1", lease, 10), [], "a run WAITING on an effect is not claimed")
+    _equal(take("r1", "w1", lease, now), True, "w1 takes the waiting run")
+    _equal(take("r1", "w2", lease, now + timedelta(seconds=5)), False,
+           "w2 cannot take a run w1 holds")
+    _equal(take("r1", "w1", lease, now + timedelta(seconds=5)), True, "the holder again")
+    _equal(take("r1", "w2", lease, now + timedelta(seconds=12)), False,
+           "the holder's second take extended its lease")
+    _equal(take("r1", "w2", lease, now + timedelta(seconds=16)), True, "after it expires")
+    store.release("r1", "w2")
+    _equal(take("r1", "w3", lease, now + timedelta(seconds=16)), True, "after a release")
+    _equal(take("unknown", "w1", lease, now), False, "an unknown run")
+
+
+TAKE_CHECKS: tuple[Callable[[Store], None], ...] = (check_take,)
+"""Checks of the optional ``take``; they join ``QUERY_CHECKS`` once every store has it."""
+
+
 def check_hold(store: Store) -> None:
     """Under ``hold``: commits are visible at once, a stale commit still conflicts, and the
     run is usable after the hold ends (also after an exception inside it)."""

@@ -229,6 +229,15 @@ class _Statements:
             .where(r.run_id == b("b_run_id"), r.lease_owner == b("b_worker"))
             .values(lease_expires=b("b_expires"))
         )
+        self.take = self._sql(
+            update(WP_RUNS)
+            .where(
+                r.run_id == b("b_run_id"),
+                r.lease_owner.is_(None) | (r.lease_expires <= b("b_now"))
+                | (r.lease_owner == b("b_worker")),
+            )
+            .values(lease_owner=b("b_worker"), lease_expires=b("b_expires"))
+        )
         self.hashes_after = self._sql(
             select(rec.position, rec.record_hash)
             .where(rec.position > b("b_size"))
@@ -801,6 +810,16 @@ class SqlStore:
         no one else can have driven the run meanwhile."""
         params = {"b_run_id": run_id, "b_worker": worker, "b_expires": to_us(now + lease)}
         return bool(self._write(self._sql.renew, params).rowcount == 1)
+
+    def take(self, run_id: str, worker: str, lease: timedelta, now: datetime) -> bool:
+        """Lease ``run_id`` to ``worker`` until ``now + lease`` if no other worker holds an
+        unexpired lease on it, whatever the run's state; whether it did.  The worker's
+        orphan sweep takes a run WAITING on an effect this way before dispatching the
+        effect again: a live dispatcher holds (and renews) that lease, and of several
+        sweepers only one can take it."""
+        params = {"b_run_id": run_id, "b_worker": worker, "b_now": to_us(now),
+                  "b_expires": to_us(now + lease)}
+        return bool(self._write(self._sql.take, params).rowcount == 1)
 
     # --- checkpoints ---------------------------------------------------------------------------
 

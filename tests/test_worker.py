@@ -190,6 +190,67 @@ def test_a_slow_call_on_a_live_worker_is_not_dispatched_by_another(
     assert calls == [calls[0]]
 
 
+def test_a_call_longer_than_orphan_after_on_a_live_worker_is_not_dispatched_again(
+    tmp_path: Path, workers: list[Worker]
+) -> None:
+    """SQLite (a store with ``take``): a call that runs past ``orphan_after`` on a live worker
+    is not an orphan - its worker holds and renews the run's lease - so another worker's
+    sweeps leave it alone."""
+    wf = _call_wf("long-call")
+    calls: list[str] = []
+
+    def slow(x: int, idempotency_key: str) -> int:
+        calls.append(idempotency_key)
+        time.sleep(1.2)
+        return x
+
+    url = f"sqlite:///{tmp_path / 'wp.db'}"
+    client = _sqlite_runtime(tmp_path, wf)
+    first = _run(Worker(Runtime(url, [wf], {"work": slow}, home=tmp_path / "home"),
+                        poll=0.05, lease=0.6, orphan_after=0.3), workers)
+    _create_running(client, wf, "lc", 3)
+    first.wake()
+    _wait_for(lambda: len(calls) == 1)
+    second = _run(Worker(Runtime(url, [wf], {"work": slow}, home=tmp_path / "home"),
+                         poll=0.05, lease=0.6, orphan_after=0.3), workers)
+    _wait_for(lambda: client.get("lc").status is Status.COMPLETED, timeout=10)
+    assert calls == [calls[0]]
+    assert second.stats["orphan"] == 0
+
+
+def test_two_sweepers_dispatch_an_orphan_once(tmp_path: Path, workers: list[Worker]) -> None:
+    """SQLite: a call whose dispatcher is gone (here: a client stuck in it, holding no
+    lease) is dispatched again by exactly one of two sweeping workers - the one that takes
+    the run's lease."""
+    wf = _call_wf("orphan-twice")
+    keys: list[str] = []
+    gate = threading.Event()
+
+    def hang(x: int, idempotency_key: str) -> int:
+        keys.append(idempotency_key)
+        gate.wait()
+        return x
+
+    def work(x: int, idempotency_key: str) -> int:
+        keys.append(idempotency_key)
+        time.sleep(0.3)  # long enough for the other sweeper to find it still waiting
+        return x * 10
+
+    url = f"sqlite:///{tmp_path / 'wp.db'}"
+    dead = _sqlite_runtime(tmp_path, wf)
+    dead.register_function("work", hang)
+    threading.Thread(target=dead.start, args=(wf, 1), kwargs={"run_id": "o2"},
+                     daemon=True).start()
+    _wait_for(lambda: len(keys) == 1)
+    sweepers = [_run(Worker(Runtime(url, [wf], {"work": work}, home=tmp_path / "home"),
+                            poll=0.05, orphan_after=0.2), workers) for _ in range(2)]
+    _wait_for(lambda: dead.store.load("o2").status is Status.COMPLETED, timeout=10)
+    time.sleep(0.5)
+    assert len(keys) == 2 and keys[0] == keys[1]
+    assert sum(w.stats["orphan"] for w in sweepers) == 1
+    gate.set()
+
+
 def test_cron_tick_fired_by_two_workers_starts_one_run(
     jsonl: str, workers: list[Worker]
 ) -> None:
