@@ -108,7 +108,8 @@ class Runtime:
     ``on_due`` is told every new wait deadline (an alarm clock re-arms on it).
     ``checkpoint_records`` / ``checkpoint_seconds``: how often a signed checkpoint of the
     store's global record order is written (stores with ``checkpoint``); a run's end and
-    ``close()`` write one too.
+    ``close()`` write one too.  ``checkpoints=False`` writes none (another process, or the
+    operator with ``wakepoint ledger checkpoint``, does).
     """
 
     def __init__(
@@ -127,6 +128,7 @@ class Runtime:
         on_due: Callable[[datetime], None] | None = None,
         checkpoint_records: int = 1000,
         checkpoint_seconds: float = 5.0,
+        checkpoints: bool = True,
     ) -> None:
         if store is None:
             store = f"jsonl:{home}"
@@ -156,8 +158,8 @@ class Runtime:
         # Checkpoints (stores that keep them): every ``checkpoint_records`` records this
         # runtime commits, every ``checkpoint_seconds`` while it commits, at the end of a run
         # (at most one per _CHECKPOINT_MIN_INTERVAL), and at close().
-        self._checkpoint_fn: Callable[[Signer], str] | None = getattr(
-            store, "checkpoint", None)
+        self._checkpoint_fn: Callable[[Signer], str] | None = (
+            getattr(store, "checkpoint", None) if checkpoints else None)
         self._cp_records = checkpoint_records
         self._cp_seconds = checkpoint_seconds
         # As if one was written just long enough ago that the first run's end writes one.
