@@ -27,11 +27,16 @@ LABEL = {"wakepoint": "wakepoint", "abstractruntime": "AbstractRuntime", "dbos":
 STORE_LABEL = {"memory": "memory", "sqlite": "SQLite", "jsonl": "JSONL"}
 
 NOTES = {
-    "wakepoint": "signed ledger records on every transition, `batch` durability (the default; "
-                 "SQLite WAL `synchronous=NORMAL`); crash: `Runtime(...).recover()`; sleep: "
+    "wakepoint": "one Ed25519-signed, hash-chained ledger record per transition (12 per "
+                 "10-step run: start, ten steps, seal) plus periodic signed checkpoints, "
+                 "`batch` durability (the default; SQLite WAL `synchronous=NORMAL`); "
+                 "crash: `Runtime(...).recover()`; sleep: "
                  "the real `Worker` (recovers at start, APScheduler alarm at the due time).",
     "abstractruntime": "`Runtime.start` + `tick`; SQLite = `SqliteRunStore` + "
-                       "`SqliteLedgerStore`; it has no sweep that recovers RUNNING runs, so "
+                       "`SqliteLedgerStore` (WAL, `synchronous=NORMAL`): the run row is "
+                       "saved after every node, but its ledger holds 2 unsigned records per "
+                       "10-step run here (start and completion), not one per step; it has "
+                       "no sweep that recovers RUNNING runs, so "
                        "the restarted process loads the run and ticks it (what its docs ask "
                        "of a host); sleep: `WAIT_UNTIL` + its built-in `Scheduler` at its "
                        "default 1.0 s poll.",
