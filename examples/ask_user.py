@@ -132,7 +132,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def _step(title: str, argv: list[str]) -> str:
     """Run one subcommand in a fresh interpreter, echo its output, fail loudly."""
     print(f"\n== {title}")
-    print("$ " + " ".join(["python", shown(argv[1]), *argv[2:]]))
+    shown_argv = argv[2:] if argv[1] == "-m" else [shown(argv[1]), *argv[2:]]
+    print("$ " + " ".join(["python", *(["-m"] if argv[1] == "-m" else []), *shown_argv]))
     proc = subprocess.run(argv, capture_output=True, text=True, check=False)
     for line in (proc.stdout + proc.stderr).splitlines():
         print(f"   {line}")
@@ -144,7 +145,7 @@ def _step(title: str, argv: list[str]) -> str:
 def cmd_demo(args: argparse.Namespace) -> int:
     me = [sys.executable, str(Path(__file__).resolve())]
     home = ["--home", args.home]
-    print(f"demo: three separate processes share the store in {args.home}")
+    print(f"demo: separate processes share the store in {args.home}")
     out = _step("1. start a run; it asks a person and the process exits",
                 [*me, "start", *home])
     found = re.search(r"^run_id: (\S+)$", out, re.MULTILINE)
@@ -159,6 +160,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 [*me, "verify", run_id, *home])
     if "chain: ok" not in out:
         raise SystemExit("demo: the chain did not verify")
+    # The auditor's view: only the public key leaves the writer (a trust root file), and the
+    # verifier checks every record's signature, the chains, the run's seal, the store-wide
+    # index and the signed checkpoint - offline, with the `wakepoint` command.
+    cli = [sys.executable, "-m", "wakepoint"]
+    trust = os.path.join(args.home, "trust.json")
+    _step("4. an auditor gets the trust root (public key only) ...",
+          [*cli, "keys", "trust", "--key", os.path.join(args.home, KEY_FILE),
+           "--store", f"jsonl:{args.home}", "--out", trust])
+    out = _step("   ... and verifies the whole ledger offline",
+                [*cli, "ledger", "verify", args.home, "--trust", trust])
+    if not out.startswith("OK"):
+        raise SystemExit("demo: the auditor's verification failed")
     print(f"\ndemo: ok - run {run_id} paused, was answered by another process, completed, "
           "and its ledger verified")
     return 0

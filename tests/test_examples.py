@@ -59,8 +59,9 @@ def test_hello(tmp_path: Path) -> None:
 
 def test_ask_user_demo_three_processes(tmp_path: Path) -> None:
     """ask_user demo: process 1 starts a run that pauses on a question and exits; process 2
-    answers and the run completes; process 3 verifies the chain with the key file.  Three
-    different pids, one store on disk under ``--home``."""
+    answers and the run completes; process 3 verifies the chain with the key file; then the
+    auditor's CLI verifies the whole ledger (seal, index, checkpoint) against a trust root.
+    Three different pids, one store on disk under ``--home``."""
     home = tmp_path / "home"
     out = run_example("ask_user.py", "demo", "--home", str(home), cwd=tmp_path)
     pids = re.findall(r"\[pid (\d+)\]", out)
@@ -69,6 +70,10 @@ def test_ask_user_demo_three_processes(tmp_path: Path) -> None:
     assert "question: Approve 450 EUR for 'conference ticket' by ada?" in out
     assert "answered 'approve'; the run is completed" in out
     assert re.search(r"chain: ok \(5 records\)", out), out
+    # The auditor's step: trust root from the public key, then the full offline verification.
+    assert "python -m wakepoint ledger verify" in out
+    assert re.search(r"OK: \S+ \(full mode, 5 records in 1 runs", out), out
+    assert "last checkpoint: size 5" in out and "records after the last checkpoint: 0" in out
     assert "demo: ok" in out
     assert (home / "signer.key").is_file()
     assert not (tmp_path / ".wakepoint").exists()  # --home was honoured
