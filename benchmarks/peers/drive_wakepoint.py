@@ -21,9 +21,7 @@ import structlog
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench_core, one level up
 from bench_core import approval, linear
 from wakepoint import Runtime, RunView, Status, Workflow, done, goto, wait_until
-from wakepoint.scheduler import Worker
 from wakepoint.stores import Store
-from wakepoint.stores.sql import SqlStore
 
 # The application owns logging (the library never configures it): warnings only, as the
 # other benchmarks do, so that log formatting is not what is measured.
@@ -36,6 +34,8 @@ structlog.configure(
 def open_store(store: str, directory: Path) -> Store | str:
     """The store of a ``--store`` name (SQLite: created on first open, as a user would)."""
     if store == "sqlite":
+        from wakepoint.stores.sql import SqlStore  # SQLAlchemy only where it is used
+
         return SqlStore(f"sqlite:///{directory}/wakepoint.db", upgrade=True)
     return {"memory": "memory:", "jsonl": f"jsonl:{directory}/jsonl"}[store]
 
@@ -118,6 +118,8 @@ def main() -> None:
             assert state.wait is not None and state.wait.deadline is not None
             common.record_due(args.dir, state.wait.deadline.timestamp())
             common.die_after(args.kill_after)
+        from wakepoint.scheduler import Worker
+
         rt = Runtime(open_store("sqlite", args.dir), [wf], home=home)
         Worker(rt).run_in_thread()  # recovers at start, then its alarm wakes the timer
         ready = time.time()
