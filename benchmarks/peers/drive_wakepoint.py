@@ -1,7 +1,9 @@
 """The wakepoint driver: the peer workloads (see ``driver_common``) on wakepoint's public API.
 
 Stores: ``memory:``, ``sqlite:///DIR/wakepoint.db`` and ``jsonl:DIR/jsonl``, all with the
-default ``batch`` durability and signed ledger records (nothing is switched off for speed).
+default ``batch`` durability and signed ledger records (nothing is switched off for speed);
+``--durability sync`` (the harness's ``wakepoint-sync`` variant) makes every commit durable
+before it returns (SQLite ``synchronous=FULL``), as DBOS's and LangGraph's SQLite defaults do.
 The linear and ask-user workflows are ``bench_core``'s, so these figures and that script's
 measure the same thing.  Recovery is what a user would run after a crash: a new
 ``Runtime(...).recover()`` for the crash workload, and the real ``Worker`` (which recovers at
@@ -22,6 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench_core, o
 from bench_core import approval, linear
 from wakepoint import Runtime, RunView, Status, Workflow, done, goto, wait_until
 from wakepoint.stores import Store
+from wakepoint.stores import open_store as open_url
+from wakepoint.stores.base import Durability
 
 # The application owns logging (the library never configures it): warnings only, as the
 # other benchmarks do, so that log formatting is not what is measured.
@@ -31,13 +35,19 @@ structlog.configure(
 )
 
 
+DURABILITY: list[Durability] = ["batch"]  # main() sets it from --durability
+
+
 def open_store(store: str, directory: Path) -> Store | str:
     """The store of a ``--store`` name (SQLite: created on first open, as a user would)."""
     if store == "sqlite":
         from wakepoint.stores.sql import SqlStore  # SQLAlchemy only where it is used
 
-        return SqlStore(f"sqlite:///{directory}/wakepoint.db", upgrade=True)
-    return {"memory": "memory:", "jsonl": f"jsonl:{directory}/jsonl"}[store]
+        return SqlStore(f"sqlite:///{directory}/wakepoint.db", upgrade=True,
+                        durability=DURABILITY[0])
+    if store == "jsonl":
+        return open_url(f"jsonl:{directory}/jsonl", durability=DURABILITY[0])
+    return "memory:"
 
 
 def crash_workflow(directory: Path) -> Workflow:
@@ -72,6 +82,10 @@ def sleep_workflow(directory: Path, seconds: float) -> Workflow:
 def main() -> None:
     args = common.parse()
     args.dir = args.dir.resolve()
+    if args.durability is not None:
+        if args.durability not in ("sync", "batch", "none"):
+            common.finish(error=f"wakepoint has no durability {args.durability!r}")
+        DURABILITY[0] = args.durability
     home = args.dir / "home"
     if args.workload == "linear":
         rt = Runtime(open_store(args.store, args.dir), [linear()], home=home)

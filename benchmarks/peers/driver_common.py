@@ -62,8 +62,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=2.0, help="sleep workload: duration")
     parser.add_argument("--kill-after", type=float, default=0.5,
                         help="sleep workload: seconds into the sleep at which to die")
-    parser.add_argument("--durability", choices=["sync", "async", "exit"], default=None,
-                        help="LangGraph only: its durability mode (default: its own default)")
+    parser.add_argument("--durability", default=None,
+                        choices=["sync", "async", "exit", "batch", "none"],
+                        help="the system's durability mode where it has one (wakepoint: "
+                             "sync|batch|none; LangGraph: sync|async|exit); default: its own")
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be at least 1")

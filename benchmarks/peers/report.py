@@ -21,9 +21,13 @@ from .venvs import BENCH_DIR, REPO, System
 
 Summary = dict[str, dict[str, dict[str, Any]]]
 
-ORDER = ("wakepoint", "abstractruntime", "dbos", "langgraph", "langgraph-sync")
-LABEL = {"wakepoint": "wakepoint", "abstractruntime": "AbstractRuntime", "dbos": "DBOS",
-         "langgraph": "LangGraph", "langgraph-sync": "LangGraph (sync)"}
+ORDER = ("wakepoint", "wakepoint-sync", "abstractruntime", "dbos", "langgraph",
+         "langgraph-sync")
+LABEL = {"wakepoint": "wakepoint", "wakepoint-sync": "wakepoint (sync)",
+         "abstractruntime": "AbstractRuntime", "dbos": "DBOS", "langgraph": "LangGraph",
+         "langgraph-sync": "LangGraph (sync)"}
+OURS = ("wakepoint", "wakepoint-sync")
+"""Not peers: no ratio against them, never the "best peer"."""
 STORE_LABEL = {"memory": "memory", "sqlite": "SQLite", "jsonl": "JSONL"}
 
 NOTES = {
@@ -32,6 +36,12 @@ NOTES = {
                  "`batch` durability (the default; SQLite WAL `synchronous=NORMAL`); "
                  "crash: `Runtime(...).recover()`; sleep: "
                  "the real `Worker` (recovers at start, APScheduler alarm at the due time).",
+    "wakepoint-sync": "the same with `durability=\"sync\"`: every commit durable before it "
+                      "returns (SQLite `synchronous=FULL`, an fsync per commit; JSONL an fsync "
+                      "per commit), which is what DBOS's and LangGraph's SQLite defaults pay "
+                      "(SQLite's default `synchronous=FULL`; AbstractRuntime, like wakepoint's "
+                      "default, uses `NORMAL`: safe against a process crash, not a power cut); "
+                      "not a peer, no ratio.",
     "abstractruntime": "`Runtime.start` + `tick`; SQLite = `SqliteRunStore` + "
                        "`SqliteLedgerStore` (WAL, `synchronous=NORMAL`): the run row is "
                        "saved after every node, but its ledger holds 2 unsigned records per "
@@ -40,14 +50,16 @@ NOTES = {
                        "the restarted process loads the run and ticks it (what its docs ask "
                        "of a host); sleep: `WAIT_UNTIL` + its built-in `Scheduler` at its "
                        "default 1.0 s poll.",
-    "dbos": "steps recorded in its SQLite system database; no in-memory mode; pause: the "
+    "dbos": "steps recorded in its SQLite system database (SQLite's defaults: rollback "
+            "journal, `synchronous=FULL`, so an fsync per commit); no in-memory mode; pause: the "
             "workflow publishes the question (`set_event`) and waits in `recv`, the outside "
             "reads it (`get_event`) and answers (`send`); "
             "`notification_listener_polling_interval_sec=0.01` (its documented knob; the "
             "1.0 s default makes each cycle ~2 s on SQLite) - tuned in its favour; crash and "
             "sleep: `DBOS.launch()` recovers (it re-enqueues pending workflows on its internal "
             "queue, which its queue thread then dequeues), `DBOS.sleep` is durable.",
-    "langgraph": "StateGraph, `InMemorySaver` / `SqliteSaver`, default durability "
+    "langgraph": "StateGraph, `InMemorySaver` / `SqliteSaver` (WAL, SQLite's default "
+                 "`synchronous=FULL`: an fsync per commit), default durability "
                  "(`\"async\"`: a step's checkpoint is written while the next step runs); "
                  "pause: `interrupt` + `Command(resume=...)`; crash: `invoke(None, config)` "
                  "on the same thread; no durable timer (not faked).",
@@ -84,7 +96,7 @@ def _rate_table(summary: Summary, cases: list[str], unit: str) -> list[str]:
                 rows.append(f"{head} error | | {'; '.join(cell.get('errors', []))[:200]} | |")
                 continue
             ratio = ""
-            if system != "wakepoint" and mine and "rate" in mine:
+            if system not in OURS and mine and "rate" in mine:
                 ratio = f"{mine['rate'] / cell['rate']:.1f}x"
             each = ", ".join(_num(v) for v in cell["rate_all"])
             rows.append(f"{head} {_num(cell['rate'])} | {_num(cell['rate_cpu'])} | {each} | "
@@ -95,7 +107,7 @@ def _rate_table(summary: Summary, cases: list[str], unit: str) -> list[str]:
 def best_peer(summary: Summary, case: str) -> tuple[str, float] | None:
     """The fastest peer (median wall rate) on ``case``."""
     rates = [(s, c["rate"]) for s, c in summary.get(case, {}).items()
-             if s != "wakepoint" and "rate" in c]
+             if s not in OURS and "rate" in c]
     return max(rates, key=lambda sr: sr[1]) if rates else None
 
 
@@ -243,7 +255,8 @@ def write_results(path: Path, summary: Summary, meta: dict[str, Any]) -> None:
         "",
         "## How it was run",
         "",
-        f"{meta['rounds']} rounds; in every round each case runs on every system in turn "
+        f"{meta['rounds']} round{'s' if meta['rounds'] != 1 else ''}; in every round each "
+        "case runs on every system in turn "
         f"({', '.join(LABEL[s] for s in ORDER if s in meta['versions'])}) before the next case "
         "starts, each in its own process, venv and fresh scratch directory; medians over the "
         "rounds; the ratio is wakepoint's median ÷ the peer's median from this same run.",

@@ -54,6 +54,11 @@ WAKEPOINT = System(
     ("wakepoint", "msgspec", "pynacl", "sqlalchemy", "apscheduler", "structlog"),
     linear_stores=("memory", "sqlite", "jsonl"),
 )
+WAKEPOINT_SYNC = System(
+    "wakepoint-sync", WAKEPOINT.requirements, WAKEPOINT.distributions,
+    linear_stores=("sqlite", "jsonl"), base="wakepoint", extra=("--durability", "sync"),
+)
+"""wakepoint with an fsync per commit: what DBOS's and LangGraph's SQLite defaults pay."""
 PEERS = (
     System("abstractruntime", ("abstractruntime",), ("abstractruntime", "abstractcore")),
     System("dbos", ("dbos",), ("dbos", "sqlalchemy")),  # its driver answers "no memory mode"
@@ -65,7 +70,7 @@ PEERS = (
            ("langgraph", "langgraph-checkpoint", "langgraph-checkpoint-sqlite"),
            base="langgraph", extra=("--durability", "sync")),
 )
-SYSTEMS = (WAKEPOINT, *PEERS)
+SYSTEMS = (WAKEPOINT, WAKEPOINT_SYNC, *PEERS)
 PLOT = System("plot", ("matplotlib",), ("matplotlib",), driver="plot.py")
 
 
