@@ -73,7 +73,7 @@ from binascii import a2b_base64, unhexlify
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from itertools import accumulate, groupby
+from itertools import accumulate, chain, groupby, repeat
 from operator import attrgetter, itemgetter, methodcaller
 from pathlib import Path
 from typing import Literal
@@ -259,6 +259,9 @@ class _Line(msgspec.Struct, forbid_unknown_fields=True):
 
 
 _line_decoder = msgspec.json.Decoder(_Line)
+_lines_decoder = msgspec.json.Decoder(list[_Line])
+_get_records = attrgetter("records")
+_get_state = attrgetter("state")
 _LINE_HEAD = b'{"records":'
 _STATE_SEP = b',"state":'
 
@@ -557,32 +560,33 @@ def _fast_run(data: bytes, rel: str, ctx: _Ctx, expect_name: bool) -> RunResult 
 
     Speed: per record there is as little interpreter work as possible - every per-record
     step is a ``map`` of a C function (attribute getters, decoders, hashing, the libsodium
-    call) over a whole file's records; only the line loop of full mode (decode and
-    canonical check of each line) runs Python per line."""
+    call, one decode and one encode of the file as a JSON array) over a whole file's
+    records."""
     if not data.endswith(b"\n"):
         return None
     full = ctx.mode == "full"
     line_of = array("I")
     last_of_line: list[int] = []
     states: list[bytes] = []
+    counts: list[int] = []
     if full:
+        # The whole file as one JSON array of lines: one decode; then each line must be
+        # exactly its element encoded back (the store's exact form, and one commit per
+        # line: an element spanning two lines cannot pass), with no per-line Python.
         lines = data.split(b"\n")
         lines.pop()
-        decode_line = _line_decoder.decode
-        encode = _encoder.encode
-        envs: list[Envelope] = []
-        for number, raw in enumerate(lines, start=1):
-            decoded = decode_line(raw)
-            line_envs = decoded.records
-            state = bytes(decoded.state)
-            if not line_envs or raw != b"".join((_LINE_HEAD, encode(line_envs), _STATE_SEP,
-                                                 state, b"}")):
-                return None
-            envs += line_envs
-            line_of.extend([number] * len(line_envs))
-            last_of_line.append(len(envs) - 1)
-            states.append(state)
-        if not envs or set(map(_get_type, envs)) != {PAYLOAD_TYPE}:
+        decoded_lines = _lines_decoder.decode(b"[%s]" % b",".join(lines))
+        if list(map(_encoder.encode, decoded_lines)) != lines:
+            return None
+        per_line = list(map(_get_records, decoded_lines))
+        counts = list(map(len, per_line))
+        if 0 in counts:
+            return None
+        envs: list[Envelope] = list(chain.from_iterable(per_line))
+        line_of.extend(chain.from_iterable(map(repeat, range(1, len(counts) + 1), counts)))
+        last_of_line = [n - 1 for n in accumulate(counts)]
+        states = list(map(bytes, map(_get_state, decoded_lines)))
+        if set(map(_get_type, envs)) != {PAYLOAD_TYPE}:
             return None
         sig_lists = list(map(_get_sigs, envs))
         if set(map(len, sig_lists)) != {1}:
@@ -635,14 +639,17 @@ def _fast_run(data: bytes, rel: str, ctx: _Ctx, expect_name: bool) -> RunResult 
         if len(set(keyids)) > 1 else [(0, keyids[0])]
     return RunResult(
         path=rel, run_id=run_id, log_id=first.log_id, leaves=b"".join(hashes),
-        lines=line_of.tobytes(), slots=_slots(line_of).tobytes() if full else b"",
+        lines=line_of.tobytes(),
+        slots=array("H", chain.from_iterable(map(range, counts))).tobytes() if full else b"",
         key_segments=segments, keys=dict(Counter(keyids)),
     )
 
 
 def _states_ok(last_of_line: list[int], states: list[bytes], hexes: list[str],
                bodies: Sequence[Body | _Chain]) -> bool:
-    """Each line's stored state is the one its last record signed (see ``check_state``)."""
+    """Each line's stored state is the one its last record signed (see ``check_state``).
+    (A version built of C-level maps was tried: slower, its intermediate lists cost more
+    than this loop's interpreter work; the hashing dominates either way.)"""
     for last, state in zip(last_of_line, states, strict=True):
         suffix = b',"seq":%d,"head":"%s"}' % (last, hexes[last].encode())
         if not state.endswith(suffix):
@@ -672,16 +679,6 @@ def _lifecycle_ok(kinds: list[str], require_seals: bool) -> bool:
         elif k != SEALED or i != n - 1 or not finished:
             return False
     return not (require_seals and finished and kinds[-1] != SEALED)
-
-
-def _slots(line_of: array[int]) -> array[int]:
-    out = array("H")
-    prev, slot = 0, 0
-    for ln in line_of:
-        slot = slot + 1 if ln == prev else 0
-        prev = ln
-        out.append(slot)
-    return out
 
 
 def _exact_run_file(data: bytes, rel: str, ctx: _Ctx, expect_name: bool) -> RunResult:

@@ -230,3 +230,19 @@ def test_bulk_and_exact_passes_agree(tmp_path: Path) -> None:
     exact = _exact_run_file(data, "runs/run-0.jsonl", ctx, True)
     assert fast is not None and exact.problem is None
     assert fast == exact
+
+
+def test_bulk_pass_refuses_a_commit_split_over_two_lines(tmp_path: Path) -> None:
+    """The bulk pass reads a file as one JSON array of lines; a commit whose records are
+    spread over two lines would still decode to the same elements, so it must check each
+    line against its own element: it declines, and the exact pass says ``malformed``."""
+    led = interleaved(tmp_path, 1)
+    led.close()
+    lines = (tmp_path / "runs" / "run-0.jsonl").read_bytes().split(b"\n")[:-1]
+    cut = lines[2].index(b'},{"payloadType"') + 1
+    bad = b"\n".join([*lines[:2], lines[2][:cut], lines[2][cut + 1:]]) + b"\n"
+    ctx = _Ctx(record_keys={led.signer.key_id: led.signer.public}, other_keys=[],
+               log_id=led.log_id, mode="full", require_seals=True)
+    assert _fast_run(bad, "runs/run-0.jsonl", ctx, True) is None
+    problem = _exact_run_file(bad, "runs/run-0.jsonl", ctx, True).problem
+    assert problem is not None and (problem.code, problem.line) == ("malformed", 3)
