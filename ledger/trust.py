@@ -17,7 +17,9 @@ being audited)::
   checkpoints commit to).  A key may sign the records at positions ``valid_from <= p <
   valid_until``; ``revoked_at`` (TUF-like revocation with an effective position) ends the range
   too, and is kept apart from ``valid_until`` so the report can say which one applied.
-  ``null`` means unbounded.  For a checkpoint, the position checked is its tree size.
+  ``null`` means unbounded.  A checkpoint of size n is signed between positions n - 1 and
+  n, so a key valid at either may sign it (across a rotation at p, both keys' checkpoints of
+  size p stand).
 * Rotation (``rotate``; ``wakepoint keys rotate --trust``): the new key is valid from the
   rotation position with the old key's roles, and the old key is revoked from that position.
   The ``key.rotated`` record that hands each run over is signed by both keys and may come after

@@ -94,7 +94,7 @@ from .logindex import INDEX_FILE, CheckpointLine, LeafLine
 from .merkle import Frontier, root
 from .records import PAYLOAD_TYPE, Body, Envelope, Signature, genesis, pae
 from .rotation import FINISHED, ROTATED, SEALED
-from .trust import TrustRoot
+from .trust import TrustedKey, TrustRoot
 
 Mode = Literal["full", "chain"]
 
@@ -854,7 +854,7 @@ class _Global:
                            actual=cp.origin, detail="a checkpoint of another ledger")
         if self.full:
             for key_id in signers:
-                why = self.trust.keys[key_id].invalid_at(cp.size)
+                why = _checkpoint_key_invalid(self.trust.keys[key_id], cp.size)
                 if why is not None:
                     return Problem(code="key_not_valid", where=where, actual=key_id,
                                    detail=f"checkpoint: {why}")
@@ -890,6 +890,19 @@ class _Global:
             self.last_size = cp.size
             self.last = CheckpointInfo(origin=cp.origin, size=cp.size, root=cp.root.hex(),
                                        where=where)
+
+
+def _checkpoint_key_invalid(key: TrustedKey, size: int) -> str | None:
+    """Why ``key`` may not sign a checkpoint of ``size`` records (None: it may).
+
+    A checkpoint is signed between the writing of position ``size - 1`` and of position
+    ``size``, so a key valid at either may sign it: across a rotation at position p, the old
+    key's checkpoint of the first p records and the new key's of the same size both stand,
+    and nothing later is the old key's."""
+    why = key.invalid_at(size)
+    if why is not None and size > 0 and key.invalid_at(size - 1) is None:
+        return None
+    return why
 
 
 _index_leaf = msgspec.json.Decoder(LeafLine)
@@ -1739,8 +1752,9 @@ def render_summary(report: Report) -> str:
         lines.append(f"  first {kind}: {e.code} at {e.where}")
         if e.run_id is not None:
             lines.append(f"    run {e.run_id!r} seq {e.seq}")
-        if e.expected is not None or e.actual is not None:
+        if e.expected is not None:
             lines.append(f"    expected {e.expected}")
+        if e.actual is not None:
             lines.append(f"    actual   {e.actual}")
         if e.detail:
             lines.append(f"    {e.detail}")

@@ -97,3 +97,26 @@ def test_hand_over_before_the_new_key_is_valid(tmp_path: Path) -> None:
                       for k in trust.keys.values()], log_id=trust.log_id)
     code, where, position = first(verify(led.path, late))
     assert (code, where, position) == ("key_not_valid", "runs/a.jsonl:3#0", at)
+
+
+def test_checkpoints_across_a_rotation(tmp_path: Path) -> None:
+    """A checkpoint of exactly the rotation position may be signed by the old key or by the
+    new one (it is signed between the two positions); a larger one by the old key is
+    ``key_not_valid``."""
+    led = Ledger(tmp_path / "s")
+    old = led.signer
+    led.start("a")
+    at = len(read_leaves(led.path))
+    new = old.rotate()
+    trust = led.trust().rotate(old.key_id, new, at)
+    led.checkpoint()  # size ``at``, old key
+    led.cp_signer = new
+    led.checkpoint()  # size ``at``, new key: the same root
+    assert verify(led.path, trust).ok
+    led.rotate("a", new, old_key=new.previous[0])
+    led.cp_signer = old
+    led.checkpoint()  # size ``at + 1``, old key
+    led.close()
+    code, where, _ = first(verify(led.path, trust))
+    index_lines = (led.path / "index.jsonl").read_bytes().count(b"\n")
+    assert (code, where) == ("key_not_valid", f"index.jsonl:{index_lines}")
