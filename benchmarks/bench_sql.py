@@ -20,14 +20,33 @@ worst of 30 calls of ``find_waiting(key)``, ``list(due_before=now + 1 h)``,
 ``claim(limit=50)`` (target <= 20 ms each), on SQLite and PostgreSQL.  The ledger table is
 not filled for this part: none of these queries reads it.
 
-Measured on the 2-core development VM, ``--runs 1000 --rounds 3 --no-pg`` on a quiet machine:
-SQLite 5,099 steps/s, ask_user 1,358 cycles/s, both BELOW target; every scale query 0.04-0.6
-ms median on SQLite, 0.2-2.8 ms on PostgreSQL at 100,000 runs (target met).  What bounds the
-speed rows: one SQLite write transaction per commit costs 60-140 us here - ``BEGIN
-IMMEDIATE`` (lock syscalls), the run's row, the record and its index entry, and the WAL frames
-of ``COMMIT`` - plus about 24 us of Ed25519 per record and 26 us of runtime and kernel per
-step (``bench_core.py``'s memory row); an ask_user cycle is two write transactions (start
-with the asking node, the answer with the final node) and two loads.
+Measured on the 2-core development VM on 2026-11-21 at 07:37 UTC, load average 5 (other
+sessions' test suites and benchmarks), ``--runs 1000 --rounds 3``: SQLite 4,056 steps/s
+(6,187 per CPU-second of this process), ask_user 718-878 cycles/s (1,490-1,570 per CPU-s),
+both BELOW target; PostgreSQL 1,904 steps/s (4,920 per client CPU-s), 293 cycles/s; every
+scale query 0.04-0.5 ms median on SQLite and 0.5-2.7 ms on PostgreSQL at 100,000 runs
+(target met).  (Before this round, on a quieter machine: 5,099 steps/s and 1,358 cycles/s;
+the runtime has since added a ``run.sealed`` record per run and periodic checkpoints.)
+
+What bounds the speed rows.  The runtime alone (``Runtime("memory:")``, same workloads, same
+load) costs 555-596 us of CPU per 10-step run and 281-290 us per ask_user cycle: that is the
+floor, before any store.  Over it the SQLite store adds about 100 us of CPU per write
+transaction (10 per run) and about 190 us per transaction of an ask cycle (a create of a
+WAITING run touches six indexes; ~10 WAL frames).  Raw ``sqlite3`` alone, same schema, costs
+50-90 us per transaction here: ``BEGIN IMMEDIATE`` and ``COMMIT`` are six ``fcntl`` lock
+calls, each dirty page is a WAL frame of two ``pwrite`` calls (3-5 frames for a step, 10 for
+an ask), plus the background checkpoint copying the frames back (counted in the CPU
+figure).  So 8,000 steps/s (1.25 ms per run, 0.56 ms of it runtime: 69 us per transaction)
+sits at the floor of raw SQLite on this VM, and 3,000 cycles/s (333 us per cycle, 285 us of
+it runtime) is out of reach while every commit is its own transaction that other processes
+see at once and that survives a crash of the process (the store contract).  Grouping
+commits of different calls into one transaction would reach both targets by giving up
+those two guarantees, so it is not done.  What this round cut: the ``RETURNING position``
+SQLAlchemy added to every record insert (a third of the insert's cost), the two ``SELECT``s
+of an ask cycle (``load`` answers from the store's own commits while ``PRAGMA
+data_version`` proves nobody else wrote), and the WAL's unbounded growth under steady
+commits (325 MB after 20,000 commits; now restarted at 16 MB); and on PostgreSQL, four of
+the five round trips of every commit.
 """
 
 from __future__ import annotations
