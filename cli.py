@@ -1,9 +1,8 @@
 """The ``wakepoint`` command (console script and ``python -m wakepoint``).
 
-What exists today (the rest of the design's CLI - ``ledger export|checkpoint``, ``keys rotate``
-- is still to come)::
+Every command of the design::
 
-    wakepoint --version
+    wakepoint [--debug] --version
     wakepoint run MODULE:WORKFLOW [--input JSON|@FILE] [--run-id ID] [--store URL] [--json]
     wakepoint runs list [--status S] [--workflow W] [--waiting-on KEY] [--limit N] [--store URL]
                         [--json]
@@ -14,19 +13,36 @@ What exists today (the rest of the design's CLI - ``ledger export|checkpoint``, 
     wakepoint cancel RUN_ID [--reason R] [--no-cascade] --app module:attribute [--store URL]
                      [--json]
     wakepoint ledger verify SOURCE --trust FILE [--anchor FILE] [--json] [--mode full|chain]
+    wakepoint ledger export --store URL OUT
+    wakepoint ledger checkpoint --store URL [--export FILE]
     wakepoint ledger verify-chain RUN_ID --store URL [--key KEY_FILE]
     wakepoint keys generate FILE
+    wakepoint keys rotate KEYFILE [--trust TRUSTFILE --at POSITION]
     wakepoint keys trust --key FILE [--key FILE ...] (--store URL | --log-id ID) [--out FILE]
     wakepoint worker --store URL --app module:attribute [--concurrency N] [--home DIR]
     wakepoint db upgrade URL
 
 ``ledger verify`` is the auditor's verifier (``wakepoint.ledger.verify``; docs/AUDIT.md):
-SOURCE is a JSONL store directory (``jsonl:PATH`` is accepted too), one run file, or a SQL URL;
-``--trust`` is the trust root the auditor holds, ``--anchor`` a file holding the last signed
-checkpoint they hold.  It prints ``render_summary`` (or the full report with ``--json``).  It
-runs with ``require_seals=False`` for now: the runtime does not write ``run.sealed`` records
-yet, so every finished run would otherwise fail with ``missing_seal``.  Switch it back on when
-the runtime seals finished runs.
+SOURCE is a JSONL store directory (``jsonl:PATH`` is accepted too), one run file, a SQL URL, or
+an export file; ``--trust`` is the trust root the auditor holds, ``--anchor`` a file holding
+the last signed checkpoint they hold.  It prints ``render_summary`` (or the full report with
+``--json``); on a terminal, once more than ``PROGRESS_MIN_RECORDS`` records are checked, a
+progress bar on stderr (erased at the end; never on a pipe).  Whether a finished run must end
+with ``run.sealed`` is the one switch ``REQUIRE_SEALS``.
+
+``ledger export`` writes the ledger of a JSONL store or SQL database as one new file (never
+replaced): a header line, one DSSE envelope per record in global order, and the stored
+checkpoints where they stand (format: ``ledger.verify.ExportHeader`` and docs/AUDIT.md).  It
+is a transcription, not a verification, and refuses a store whose records cannot be ordered.
+``ledger checkpoint`` prints the latest stored signed checkpoint (exit 1 when there is none),
+or with ``--export FILE`` writes it there atomically - refusing to replace a checkpoint of
+another log, a larger one (rollback) or another root at the same size (equivocation).
+
+``keys rotate`` replaces KEYFILE's key with a new one and keeps the old one under
+``previous`` (it co-signs the runtime's ``key.rotated`` hand-overs); with ``--trust
+TRUSTFILE --at POSITION`` it also rewrites that trust root: the new key valid from POSITION
+with the old key's roles, the old key revoked from POSITION.  Both files are replaced
+atomically, the key file first.
 
 ``verify-chain`` checks one run's chain (signatures, contiguous seq, prev links, genesis) with
 one key: ``--key``, or for a ``jsonl:PATH`` store the store's own ``PATH/signer.key``.  It is
@@ -64,7 +80,9 @@ and errors, to stderr, so that stdout holds just their answer.
 Exit codes: 0 verified / done; 1 the ledger does not verify, or a store, key, file or database
 cannot be read, written or is refused; 2 usage errors (argparse's convention, plus an unreadable
 trust root or anchor, a source that is not a ledger, an ``--app`` that cannot be loaded).
-Errors are one line on stderr, without a traceback.
+Errors are one line on stderr, without a traceback; an exception no command expected is one
+line and exit 1 as well, and ``--debug`` (before the command) lets it raise with its
+traceback.
 """
 
 from __future__ import annotations

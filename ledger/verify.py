@@ -1,6 +1,7 @@
 """The auditor's verifier: ``verify(source, trust, anchor=None, mode="full") -> Report``.
 
-What it promises.  Given a ledger (a JSONL store directory, one run file, or a SQL URL), a
+What it promises.  Given a ledger (a JSONL store directory, one run file, a SQL URL, or an
+export file written by ``export``), a
 trust root the auditor holds, and optionally the last checkpoint the auditor holds (the
 *anchor*), it decides offline, trusting nothing the writer says, whether every record is
 authentic, complete and in order; if not, it names the FIRST bad thing: where it is stored
@@ -49,14 +50,32 @@ Modes.  ``full`` does all of the above.  ``chain`` checks hashes and links only:
 no trust, no strict parse (fields are extracted from the body with a small lenient decoder, the
 state is not checked) - a fast integrity scan, not an authentication.
 
+SQL databases and export files hold the records in global order, one per row or line: they
+are checked as one stream (``_Stream``), each record by its run's checker, its key's range at
+its position, each stored checkpoint where it stands (reported after the run checks, as for
+JSONL).  SQL rows are named ``row <position>``; positions must be dense from 1, and a hole no
+run check explains is ``index_mismatch``; ``cosigs`` and ``wp_checkpoints`` (migration 0002)
+are read when the schema has them.  ``export`` writes the export file (a header, one DSSE
+envelope per line in global order, the stored checkpoints): the JSONL and the SQL export of
+one ledger are the same bytes.
+
+Key ranges: a record is checked against its signer's range, except a ``key.rotated``
+hand-over, which the runtime writes lazily after the rotation position: the new key's range
+decides, so a revoked old key may co-sign a hand-over and nothing else.  A checkpoint of size
+n is signed between positions n - 1 and n: a key valid at either may sign it.
+
 Limits (stated in the report's ``unchecked``): without a global order (a single run file, a
-JSONL directory without ``index.jsonl``) key validity ranges, checkpoints and the anchor cannot
-be checked; the SQL store has no checkpoint table yet and one signature column, so rotation
-records and checkpoints are JSONL-only for now.
+JSONL directory without ``index.jsonl``, an unordered export) key validity ranges,
+checkpoints and the anchor cannot be checked; a SQL database still at schema 0001 holds no
+checkpoints and no co-signatures.
 
 Speed: signatures are checked through libsodium's ``crypto_sign_ed25519_verify_detached``
 (no copy of the message) when PyNaCl's bundled library exports it, else through
-``crypto_sign_open``; ``processes > 1`` verifies run files in worker processes.
+``crypto_sign_open``; a sound run file is checked by a bulk pass whose per-record work is
+C-level ``map``s (one JSON decode of the file, the signatures back to back), and index blocks
+between checkpoints likewise; anything the bulk passes do not accept is checked again record
+by record, which alone decides codes and positions.  ``processes > 1`` verifies run files in
+worker processes.
 """
 
 from __future__ import annotations
@@ -808,10 +827,17 @@ class _Global:
         res = self.results.get(run_id)
         want = self.next_seq.get(run_id, 0)
         if res is None or seq != want or seq >= res.count:
+            if res is None:
+                expected, detail = "a stored run", "the index lists a run no run file holds"
+            elif seq != want:
+                expected, detail = f"{run_id} seq {want}", "the index lists records of a " \
+                    "run out of order"
+            else:
+                expected, detail = f"{run_id} seq < {res.count}", f"the run file holds " \
+                    f"{res.count} records; the index lists more"
             return Problem(code="index_mismatch", where=where, run_id=run_id, seq=seq,
-                           position=len(self.leaves), expected=f"{run_id} seq {want}",
-                           actual=f"{run_id} seq {seq}",
-                           detail="the index lists a record the runs do not hold here")
+                           position=len(self.leaves), expected=expected,
+                           actual=f"{run_id} seq {seq}", detail=detail)
         stored = res.leaves[32 * seq: 32 * seq + 32]
         if stored != h:
             return Problem(code="index_mismatch", where=where, run_id=run_id, seq=seq,
