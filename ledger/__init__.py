@@ -4,7 +4,8 @@ Every committed transition of a run becomes one DSSE-enveloped, Ed25519-signed r
 ``prev`` links to the record before it.  See ``records`` for the exact format, ``merkle`` and
 ``checkpoint`` for RFC 6962 trees and C2SP checkpoints, ``trust`` for the auditor's trust
 root, ``logindex`` for a JSONL store's global order, ``rotation`` for ``key.rotated`` and
-``run.sealed``, and ``verify`` for the auditor's verifier.
+``run.sealed``, and ``verify`` for the auditor's verifier and the portable export file
+(``export``).
 
 ``wakepoint.ledger.verify`` is the verifier *function* (the issue's public name); its module
 is reached as ``from wakepoint.ledger.verify import ...`` or via ``sys.modules``.
@@ -28,7 +29,17 @@ from .records import (
 )
 from .rotation import rotation_record, seal_record
 from .trust import TrustedKey, TrustError, TrustRoot
-from .verify import Problem, Report, VerifyUsageError, render_summary, verify
+from .verify import (
+    ExportError,
+    ExportHeader,
+    Problem,
+    Report,
+    VerifyUsageError,
+    export,
+    render_summary,
+    stored_checkpoints,
+    verify,
+)
 
 __all__ = [
     "PAYLOAD_TYPE",
@@ -36,6 +47,8 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "Envelope",
+    "ExportError",
+    "ExportHeader",
     "KeyFileError",
     "Problem",
     "Record",
@@ -46,6 +59,7 @@ __all__ = [
     "TrustRoot",
     "TrustedKey",
     "VerifyUsageError",
+    "export",
     "from_envelope",
     "genesis",
     "key_id_of",
@@ -58,6 +72,7 @@ __all__ = [
     "seal_record",
     "sign_checkpoint",
     "sign_entries",
+    "stored_checkpoints",
     "verify",
     "verify_chain",
 ]
