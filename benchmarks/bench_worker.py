@@ -22,18 +22,26 @@ throw-away PostgreSQL server is started with ``tests/pg.py``.  Sections:
 Measured on the 2-core development VM while other sessions' test suites and benchmarks ran
 (load average 3-6):
 
-* lateness p99: SQLite 2.4 ms, PostgreSQL 2.9 ms, JSONL 5.2 ms (max 9.0 ms) - target met;
+* lateness p99: SQLite 2.4 ms, PostgreSQL 2.9 ms, JSONL 5.2 ms (max 9.0 ms) - target met
+  (again at load 6.2 after this round: 9.1 ms, 12.8 ms, 24.6 ms);
 * startup (JSONL, 200 overdue runs): first resumed step 0.228 s after ``Popen``, all 200 done
   at 0.90 s - target met;
 * fleet: 2,000 runs, 4 workers, one SIGKILLed: all complete in 130 s, 10,001 call executions
   for 10,000 keys (the one repeat was in flight in the killed process), every ledger verifies;
 * idle: 100,000 waiting runs; worker RSS 55 MB, 2 threads, 0.55 s CPU in 30 s (start-up
   included) - target met;
-* scaling: 0.91-1.08x for 2 workers against 1 (about 600-800 transitions/s either way) -
-  target NOT shown.  On this VM the PostgreSQL server, the client and the workers share two
-  cores, and another session's CPU-bound benchmark took 11.6 of the 15 CPU-seconds during the
-  last measurement, so the figure says nothing yet about the workers' scaling; it needs a
-  quiet machine with the database on other cores before anyone tunes for it.
+* scaling (re-measured 2026-11-21 07:40 UTC, load average 6.3, after this round's changes:
+  one-statement commits on PostgreSQL, NOTIFY wake-ups, no alarm re-arm per claim round):
+  1 worker 1,026 transitions/s (1,154 per CPU-second of workers + PostgreSQL), 2 workers
+  1,019/s (875 per CPU-s): 0.99x; ad-hoc rounds of 600 runs in the same hour gave 1.07x to
+  1.49x.  Before: 579-631 transitions/s for one worker (PostgreSQL spent 0.7-1.6 ms of
+  CPU per transition, now 0.4-0.5 ms).  Target NOT shown, and this machine cannot show it:
+  one worker already uses about one core of CPU (worker ~0.55 ms + PostgreSQL ~0.45 ms per
+  transition) and other sessions held 4-6 runnable processes on the two cores, so two
+  workers had no second core to scale onto.  Two workers also cost about 30% more CPU per
+  transition (each process's start-up, and PostgreSQL committers queueing on the position
+  counter row, which every commit locks until it commits - the price of a dense global
+  order).  It needs a quiet machine, with the database on cores of its own, to judge.
 """
 
 from __future__ import annotations
