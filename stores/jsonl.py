@@ -1293,6 +1293,36 @@ class JsonlStore:
         finally:
             self._checkin(run)
 
+    def take(self, run_id: str, worker: str, lease: timedelta, now: datetime) -> bool:
+        """Lease ``run_id`` to ``worker`` until ``now + lease`` unless another worker holds an
+        unexpired lease on it, whatever the run's state; whether it did.  Under the run's
+        lock; a run another thread or process is writing right now is not waited for: it
+        is refused, as a held lease would be (its writer is alive)."""
+        run = self._checkout(run_id)
+        try:
+            if not run.mutex.acquire(blocking=False):
+                return False
+            try:
+                try:
+                    if not self._lock_run(run, blocking=False):
+                        return False
+                except RunNotFound:
+                    return False
+                try:
+                    if self._current(run.name, run.run_id) is None:
+                        return False
+                    held = self._read_lease(run)
+                    if held is not None and held.worker != worker and held.expires > now:
+                        return False
+                    self._write_lease(run, _Lease(worker=worker, expires=now + lease))
+                    return True
+                finally:
+                    self._unlock_run(run)
+            finally:
+                run.mutex.release()
+        finally:
+            self._checkin(run)
+
     def _read_lease(self, run: _Run) -> _Lease | None:
         try:
             data = Path(run.lease_path).read_bytes()

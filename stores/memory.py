@@ -148,6 +148,18 @@ class MemoryStore:
             self._leases[run_id] = (worker, now + lease)
             return True
 
+    def take(self, run_id: str, worker: str, lease: timedelta, now: datetime) -> bool:
+        """Lease ``run_id`` to ``worker`` until ``now + lease`` unless another worker holds an
+        unexpired lease on it, whatever the run's state; whether it did."""
+        with self._lock:
+            if run_id not in self._states:
+                return False
+            held = self._leases.get(run_id)
+            if held is not None and held[0] != worker and held[1] > now:
+                return False
+            self._leases[run_id] = (worker, now + lease)
+            return True
+
     def checkpoint(self, signer: Signer) -> str:
         """Sign and keep a checkpoint of every record committed so far; return the note
         (the last one again when nothing was committed since)."""

@@ -934,13 +934,13 @@ if __name__ == _RACE_MODULE:
 
 
 @pytest.mark.parametrize("kind", ["memory", "jsonl"])
-def test_renew_passes_the_conformance_check(
+def test_take_passes_the_conformance_check(
     kind: str, open_jsonl: Callable[..., JsonlStore]
 ) -> None:
-    """The shared conformance check of renew, on the two stores this module's owner keeps."""
-    from wakepoint.stores.conformance import check_renew
+    """The shared conformance check of take (the worker's orphan sweep), on memory and JSONL."""
+    from wakepoint.stores.conformance import check_take
 
-    check_renew(MemoryStore() if kind == "memory" else open_jsonl())
+    check_take(MemoryStore() if kind == "memory" else open_jsonl())
 
 
 def test_renew_while_another_thread_drives_the_run_does_not_wait(
