@@ -542,6 +542,17 @@ class Runtime:
             self._cp_last = time.monotonic()
             return note
 
+    def checkpoint_if_due(self) -> str | None:
+        """Write a checkpoint when records are waiting for one and the last is at least
+        ``_CHECKPOINT_MIN_INTERVAL`` old; the note, or None.  For a process that stops
+        committing for a while (a worker between bursts): its last records are then covered
+        without waiting for its next commit or ``close()``."""
+        if self._checkpoint_fn is None or self._cp_pending <= 0:
+            return None
+        if time.monotonic() - self._cp_last < _CHECKPOINT_MIN_INTERVAL:
+            return None
+        return self.checkpoint()
+
     def _checkpoint_quietly(self) -> None:
         # After a commit that returned: a failed checkpoint must not look like a failed
         # transition to the caller.  The next due point (or close) tries again.

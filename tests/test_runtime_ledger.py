@@ -174,3 +174,23 @@ def test_next_writer_repairs_its_runs_index_without_recover(tmp_path: Path) -> N
     signer = Signer.load(root / "signer.key")
     report = verify(root, _trust(signer, log_id), require_seals=True)
     assert report.ok, report.error
+
+
+def test_checkpoint_if_due_covers_an_idle_processs_last_records(tmp_path: Path) -> None:
+    """Records committed right after a checkpoint wait for the next due point; an idle
+    process covers them with checkpoint_if_due once the minimum interval has passed (and
+    not before, and not when nothing is pending)."""
+    from wakepoint import runtime as runtime_module
+
+    rt = Runtime(f"jsonl:{tmp_path}", [linear], checkpoint_seconds=3600)
+    rt.start(linear, run_id="a")  # the first run's end checkpoints at once
+    rt.start(linear, run_id="b")  # within the minimum interval: left for later
+    store = rt.store
+    assert [int(n.splitlines()[1]) for n in store.checkpoints()] == [4]  # type: ignore[attr-defined]
+    assert rt.checkpoint_if_due() is None  # too soon
+    rt._cp_last -= runtime_module._CHECKPOINT_MIN_INTERVAL  # as if the interval passed
+    note = rt.checkpoint_if_due()
+    assert note is not None and int(note.splitlines()[1]) == 8
+    rt._cp_last -= runtime_module._CHECKPOINT_MIN_INTERVAL
+    assert rt.checkpoint_if_due() is None  # nothing pending
+    rt.close()
