@@ -87,6 +87,40 @@ def test_watch_due_hears_another_connections_deadline(pg_url: str) -> None:
         writer.close()
 
 
+def test_watch_due_reconnects_after_losing_its_connection(pg_url: str) -> None:
+    """The LISTEN connection is killed by the server (``pg_terminate_backend``): the watcher
+    reconnects on its own and hears the next deadline."""
+    heard: queue.Queue[datetime] = queue.Queue()
+    watcher, writer = SqlStore(pg_url), SqlStore(pg_url)
+    try:
+        stop = watcher.watch_due(heard.put)
+        assert stop is not None
+        listeners = ("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                     "AND query LIKE 'LISTEN%%' AND state = 'idle' AND pid <> pg_backend_pid()")
+        with writer._transaction() as cursor:
+            cursor.execute(listeners)
+            (killed,) = cursor.fetchone()
+            cursor.execute("SELECT pg_terminate_backend(%(pid)s)", {"pid": killed})
+        end = time.monotonic() + 10
+        while True:  # a new LISTEN session, within RETRY_SECONDS
+            with writer._transaction() as cursor:
+                cursor.execute(listeners)
+                if [row[0] for row in cursor.fetchall()] not in ([], [killed]):
+                    break
+            assert time.monotonic() < end, "the watcher did not reconnect"
+            time.sleep(0.05)
+        h = Harness(writer)
+        h.start(TIMER, "t2", 5)
+        h.drive("t2")
+        state = h.runs["t2"].state
+        assert state.wait is not None
+        assert heard.get(timeout=5) == state.wait.deadline
+        stop()
+    finally:
+        watcher.close()
+        writer.close()
+
+
 def test_sqlite_has_no_watch(tmp_path: Path) -> None:
     """SQLite cannot tell other processes: ``watch_due`` is None (the worker's poll covers)."""
     store = SqlStore(f"sqlite:///{tmp_path / 'wp.db'}", upgrade=True)
