@@ -39,8 +39,9 @@ and each line encoded back for the canonical check (~2.4 us), the strict body de
 re-encode (~1.6 us), the state digest per line (~1.8 us), record hashes (~0.9 us), the index
 walk with the Merkle roots of the checkpoints (~3.5 us, of which ~1.3 us the Merkle node
 hashes), the rest list bookkeeping.  All per-record steps are already C-level ``map``s
-(no Python frame per record); the signatures are verified back to back.  On an idle machine
-(18,700 signatures per CPU-second) the same code reaches about 14,000 per CPU-second.
+(no Python frame per record); the signatures are verified back to back.  Estimate, not
+measured here (the VM was never idle): with 18,700 signatures per CPU-second (53.5 us) and the
+other work at the same ~15 us, one process would do ~14,600 records per CPU-second.
 Chain mode (~4.5 us per record): base64 (1.0 us), record hashes (0.9 us), the payload scan
 (0.7 us), the lenient body decode (0.6 us) - one process cannot reach 300,000/s (3.3 us) in
 pure Python; the CLI verifies with one process per core, which gets there on an idle
