@@ -46,7 +46,16 @@ inserted with ``executemany``.  A commit that leaves the indexed columns as they
 commits: a step from node to node) updates only ``state``, ``seq`` and ``updated_at``, so
 SQLite does not rewrite four index entries; the store knows the columns are unchanged when
 *it* wrote the row at ``expected_seq`` (only one commit can ever write a given seq of a run).
-``hold`` needs nothing: the seq check is the lock.
+``hold`` needs nothing: the seq check is the lock.  On SQLite, ``load`` answers from the
+states this thread's connection committed or read while ``PRAGMA data_version`` proves that
+no other connection has written since (see ``_states``); PostgreSQL has no such cheap proof,
+so it always reads.  The commit path itself issues no read.  Costs measured, and what bounds
+them, are in ``benchmarks/bench_sql.py``.
+
+Also here: ``take`` and ``renew`` (leases, one statement each), ``checkpoint`` /
+``checkpoints`` (signed checkpoints of the global order, with a Merkle frontier kept in the
+store so each checkpoint hashes only the records since the last), and ``watch_due``
+(PostgreSQL LISTEN for new deadlines, see ``sql_engine.DueWatcher``).
 """
 
 from __future__ import annotations
