@@ -278,7 +278,31 @@ class _Line(msgspec.Struct, forbid_unknown_fields=True):
 
 
 _line_decoder = msgspec.json.Decoder(_Line)
-_lines_decoder = msgspec.json.Decoder(list[_Line])
+
+
+class _FastSignature(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
+    """``records.Signature`` for the bulk pass (same fields; a test pins that)."""
+
+    keyid: str
+    sig: bytes
+
+
+class _FastEnvelope(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
+    """``records.Envelope`` for the bulk pass, not tracked by the garbage collector: they
+    hold no cycles, and leaving ~4 tracked objects per record out of the collector's
+    generations saves about 1 us per record here."""
+
+    payloadType: str  # DSSE spells it so
+    payload: bytes
+    signatures: list[_FastSignature]
+
+
+class _FastLine(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    records: list[_FastEnvelope]
+    state: msgspec.Raw
+
+
+_lines_decoder = msgspec.json.Decoder(list[_FastLine])
 _get_records = attrgetter("records")
 _get_state = attrgetter("state")
 _LINE_HEAD = b'{"records":'
@@ -601,7 +625,7 @@ def _fast_run(data: bytes, rel: str, ctx: _Ctx, expect_name: bool) -> RunResult 
         counts = list(map(len, per_line))
         if 0 in counts:
             return None
-        envs: list[Envelope] = list(chain.from_iterable(per_line))
+        envs: list[_FastEnvelope] = list(chain.from_iterable(per_line))
         line_of.extend(chain.from_iterable(map(repeat, range(1, len(counts) + 1), counts)))
         last_of_line = [n - 1 for n in accumulate(counts)]
         states = list(map(bytes, map(_get_state, decoded_lines)))

@@ -246,3 +246,17 @@ def test_bulk_pass_refuses_a_commit_split_over_two_lines(tmp_path: Path) -> None
     assert _fast_run(bad, "runs/run-0.jsonl", ctx, True) is None
     problem = _exact_run_file(bad, "runs/run-0.jsonl", ctx, True).problem
     assert problem is not None and (problem.code, problem.line) == ("malformed", 3)
+
+
+def test_bulk_pass_structs_mirror_the_envelope() -> None:
+    """The bulk pass decodes lines into its own untracked copies of ``Envelope`` and
+    ``Signature``; their fields must stay the records module's, in the same order, or the
+    bulk pass would decline every line (correct, but slow)."""
+    from wakepoint.ledger.records import Envelope, Signature
+    from wakepoint.ledger.verify import _FastEnvelope, _FastSignature
+
+    def shape(t: type) -> list[tuple[str, object]]:
+        return [(f.name, f.type) for f in msgspec.structs.fields(t)]
+
+    assert [n for n, _ in shape(_FastEnvelope)] == [n for n, _ in shape(Envelope)]
+    assert shape(_FastSignature) == shape(Signature)
