@@ -161,3 +161,36 @@ def test_progress_bar_only_on_a_terminal_and_big_ledgers(monkeypatch: pytest.Mon
     seen: list[tuple[int, int, int]] = []
     assert verify(led.path, led.trust(), progress=lambda *a: seen.append(a)).ok
     assert seen[-1][0] == len(read_leaves(led.path)) and seen[-1][1] == seen[-1][2]
+
+
+def test_sqlite_store_export_and_checkpoint(tmp_path: Path) -> None:
+    """On a SQLite store: ``ledger checkpoint`` prints the latest stored checkpoint, which
+    verifies the export as an anchor; a missing database file is exit 1 and is not created."""
+    from ledger_fixtures import workflow
+    from wakepoint import Runtime
+    from wakepoint.stores import open_store
+
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    store = open_store(url, durability="none", upgrade=True)
+    signer = Signer.from_seed(b"\x03" * 32)
+    with Runtime(store, workflows=[workflow()], signer=signer) as rt:
+        rt.start("audit", 1, run_id="a")
+        rt.send_event("go:a")
+    store = open_store(url, durability="none")
+    note = store.checkpoint(signer)  # type: ignore[attr-defined]
+    store.close()
+    (tmp_path / "trust.json").write_bytes(
+        TrustRoot.from_signers([signer], log_id=note.split("\n")[0].removeprefix(
+            "wakepoint/")).to_json())
+    printed = wakepoint_cli("ledger", "checkpoint", "--store", url, cwd=tmp_path)
+    assert printed.returncode == 0 and printed.stdout.split("\n")[1] == note.split("\n")[1]
+    (tmp_path / "anchor.txt").write_text(printed.stdout)
+    assert wakepoint_cli("ledger", "export", "--store", url, "w.export",
+                         cwd=tmp_path).returncode == 0
+    ok = wakepoint_cli("ledger", "verify", "w.export", "--trust", "trust.json", "--anchor",
+                       "anchor.txt", cwd=tmp_path)
+    assert ok.returncode == 0, ok.stdout
+    missing = wakepoint_cli("ledger", "checkpoint", "--store",
+                            f"sqlite:///{tmp_path / 'none.db'}", cwd=tmp_path)
+    one_line_error(missing, 1)
+    assert not (tmp_path / "none.db").exists()
