@@ -381,14 +381,20 @@ class Worker:
         """Arm the alarm for the next moment worth waking up for."""
         self._reported = None
         at = now + self.poll
-        for state in self.runtime.store.list(
-            status=Status.WAITING, due_before=at, limit=_HORIZON_LIMIT
-        ):
-            deadline = state.wait.deadline if state.wait is not None else None
-            # An overdue wait we did not get is leased by another worker: its holder drives
-            # it, and the poll looks again in case that worker died.
-            if deadline is not None and now < deadline < at:
+        # An overdue wait we did not get is leased by another worker: its holder drives it,
+        # and the poll looks again in case that worker died.  So: the next deadline after now.
+        next_deadline = getattr(self.runtime.store, "next_deadline", None)
+        if next_deadline is not None:
+            deadline = next_deadline(now)
+            if deadline is not None and deadline < at:
                 at = deadline
+        else:
+            for state in self.runtime.store.list(
+                status=Status.WAITING, due_before=at, limit=_HORIZON_LIMIT
+            ):
+                deadline = state.wait.deadline if state.wait is not None else None
+                if deadline is not None and now < deadline < at:
+                    at = deadline
         at = min([at, *self._next_tick])
         if self._renewing:
             at = min(at, self._next_renewal)

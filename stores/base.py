@@ -32,6 +32,10 @@ Optional (not part of ``Store``; callers check with ``getattr``):
   orphan sweep takes a run WAITING on an effect before dispatching the effect again, so that
   a live dispatcher (which holds and renews that lease) and a second sweeper are kept out.
 
+* ``next_deadline(after) -> datetime | None``: the earliest deadline of a WAITING run later
+  than ``after``; a worker arms its alarm with it (without it, the worker lists the waiting
+  runs due before its horizon and reads their deadlines).
+
 For stores that keep the ledger's global order and sign checkpoints of it
 (``SupportsCheckpoints``):
 

@@ -93,7 +93,7 @@ from .sql_engine import (
     show,
     sqlite_path,
 )
-from .sql_schema import WP_CHECKPOINTS, WP_META, WP_RECORDS, WP_RUNS, to_us
+from .sql_schema import WP_CHECKPOINTS, WP_META, WP_RECORDS, WP_RUNS, from_us, to_us
 
 # Constants are rendered into the SQL (not bound) so that SQLite and PostgreSQL can match the
 # partial index ``status = 'waiting'`` when planning.
@@ -246,6 +246,13 @@ class _Statements:
                 | (r.lease_owner == b("b_worker")),
             )
             .values(lease_owner=b("b_worker"), lease_expires=b("b_expires"))
+        )
+        self.next_deadline = self._sql(
+            select(r.due)
+            .where(r.due > b("b_after"), r.status == _WAITING)
+            .order_by(r.due)
+            .limit(_ONE)
+            .offset(_ZERO)
         )
         self.hashes_after = self._sql(
             select(rec.position, rec.record_hash)
@@ -782,6 +789,13 @@ class SqlStore:
                    cosigs=tuple(_cosigs_decoder.decode(bytes(cosigs))) if cosigs else ())
             for seq, key_id, body, sig, record_hash, cosigs in rows
         ]
+
+    def next_deadline(self, after: datetime) -> datetime | None:
+        """The earliest deadline of a WAITING run that is later than ``after`` (None: no
+        such run): what a worker's alarm waits for.  One index lookup; ``list(due_before=)``
+        would decode every waiting state up to the horizon instead."""
+        rows = self._query(self._sql.next_deadline, {"b_after": to_us(after)})
+        return from_us(int(rows[0][0])) if rows else None
 
     def last_position(self) -> int:
         """The global position of the last committed record (0: none yet)."""

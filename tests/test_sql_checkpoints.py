@@ -10,12 +10,14 @@ checkpoints of the global record order (``renew`` is in the conformance suite:
   in global position order; the next checkpoint covers the records since (incrementally, and
   equal to a fresh store's from scratch); no new records, no new checkpoint;
   ``checkpoints()`` lists them by size; the ledger verifier accepts the store with them.
+* ``next_deadline(after)``: the earliest deadline of a waiting run later than ``after``.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,7 @@ from wakepoint.ledger.keys import Signer
 from wakepoint.ledger.rotation import rotation_record
 from wakepoint.ledger.trust import TrustRoot
 from wakepoint.ledger.verify import verify
-from wakepoint.stores.conformance import COUNTER, EVENT, Harness
+from wakepoint.stores.conformance import COUNTER, EVENT, TIMER, Harness
 from wakepoint.stores.sql import SqlStore
 
 _databases = iter(range(1_000_000))
@@ -164,5 +166,30 @@ def test_checkpoint_refuses_a_hole_in_the_global_order(url: str) -> None:
         with pytest.raises(CorruptStore, match="positions jump from 1 to 3"):
             store.checkpoint(h.signer)
         assert store.checkpoints() == []
+    finally:
+        store.close()
+
+
+def test_next_deadline_is_the_earliest_future_deadline(url: str) -> None:
+    """``next_deadline(after)`` is the earliest deadline of a WAITING run strictly later than
+    ``after``; overdue deadlines and runs no longer waiting do not count; None when none."""
+    store = SqlStore(url)
+    try:
+        h = Harness(store)
+        assert store.next_deadline(h.now) is None
+        base, deadlines = h.now, []
+        for n, offset in enumerate((20, 0, 40)):  # the timer waits 3 s from its start
+            h.now = base + timedelta(seconds=offset)
+            h.start(TIMER, f"t{n}", None)
+            h.drive(f"t{n}")
+            wait = h.runs[f"t{n}"].state.wait
+            assert wait is not None and wait.deadline is not None
+            deadlines.append(wait.deadline)
+        assert store.next_deadline(base) == min(deadlines) == deadlines[1]
+        assert store.next_deadline(min(deadlines)) == deadlines[0]  # strictly later
+        assert store.next_deadline(max(deadlines)) is None
+        h.now = base
+        h.resume("t1", None)  # the earliest is no longer waiting
+        assert store.next_deadline(base) == deadlines[0]
     finally:
         store.close()
