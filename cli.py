@@ -905,5 +905,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return command(args)
     except KeyboardInterrupt:
         return _error("interrupted", 130)
+    except BrokenPipeError:
+        # The reader went away (``wakepoint runs list | head -1``): nothing to report.  Point
+        # stdout at /dev/null so that the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as exc:  # the operator gets one line; --debug shows everything
         return _error(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)", 1)

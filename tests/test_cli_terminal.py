@@ -96,3 +96,17 @@ def test_errors_are_one_line_unless_debug(session: Path) -> None:
     assert "--debug" in out
     code, out = in_terminal("--debug", "runs", "list", cwd=session)
     assert code == 1 and "Traceback (most recent call last)" in out
+
+
+def test_a_closed_pipe_is_not_an_error(session: Path) -> None:
+    """``wakepoint runs list | head -0``: the reader is gone before the command writes; it
+    stops quietly with 141 (128 + SIGPIPE, as a shell reports it), no error line."""
+    code, _ = in_terminal("run", "ask_user:approval", "--input", EXPENSE, cwd=session)
+    assert code == 0
+    proc = subprocess.Popen([sys.executable, "-m", "wakepoint", "runs", "list"], cwd=session,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # long before the interpreter has started
+    assert proc.wait(timeout=60) == 141
+    assert proc.stderr.read() == b""
+    proc.stderr.close()
