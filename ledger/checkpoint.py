@@ -15,10 +15,11 @@ hash is ``SHA-256(name || 0x0A || 0x01 || public key)[:4]`` as C2SP signed-note 
 Ed25519, so a checkpoint exported here verifies with any signed-note tool given the key.
 
 Choices: parsing is strict (one origin line, a canonical decimal size, a 44-character base64
-root of exactly 32 bytes, no trailing data after the signature lines, no duplicate signature
-by one key); signature lines by keys the caller does not know are skipped, as signed-note
-says, but at least one known key must sign.  Errors are ``CheckpointError`` with the stable
-codes ``malformed``, ``unknown_key`` and ``bad_signature``.
+root of exactly 32 bytes, canonical base64 in signature lines, no trailing data after the
+signature lines, no duplicate signature by one key); signature lines by keys the caller does
+not know are skipped, as signed-note says, but at least one known key must sign.  Errors are
+``CheckpointError`` with the stable codes ``malformed``, ``unknown_key`` and
+``bad_signature``.
 """
 
 from __future__ import annotations
@@ -116,6 +117,10 @@ def parse_checkpoint(text: str) -> tuple[Checkpoint, bytes, list[tuple[str, byte
             blob = base64.b64decode(parts[2], validate=True)
         except binascii.Error:
             raise CheckpointError("malformed", f"bad signature line {line!r}") from None
+        if base64.b64encode(blob).decode() != parts[2]:
+            # Unused low bits before the padding would give one signature several
+            # spellings: a note that differs from the signed one must not pass as it.
+            raise CheckpointError("malformed", f"non-canonical base64 on line {line!r}")
         if len(blob) < 5:
             raise CheckpointError("malformed", f"short signature on line {line!r}")
         sigs.append((parts[1], blob[:4], blob[4:]))

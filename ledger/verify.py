@@ -265,8 +265,20 @@ class _Chain(msgspec.Struct, frozen=True):
     state: str | None = None
 
 
+class _ChainFields(msgspec.Struct, frozen=True):
+    """Only what the bulk pass of chain mode reads (decoding fewer fields is faster)."""
+
+    log_id: str
+    run_id: str
+    seq: int
+    prev: str
+    kind: str
+    key_id: str
+
+
 _body_strict = msgspec.json.Decoder(Body)
 _body_lenient = msgspec.json.Decoder(_Chain)
+_body_chain_fields = msgspec.json.Decoder(_ChainFields)
 _body_encoder = msgspec.json.Encoder(order="sorted")
 _encoder = msgspec.json.Encoder()
 _sha256 = hashlib.sha256
@@ -597,55 +609,71 @@ _digest = methodcaller("digest")
 _leaf_prefix = b"\x00".__add__
 
 
+class _FullFile(msgspec.Struct):
+    """What the bulk pass of full mode has read and authenticated in one run file."""
+
+    bodies: list[bytes]
+    keyids: list[str]
+    decoded: list[Body]
+    counts: list[int]
+    """Records per line."""
+    states: list[bytes]
+    """The stored state of each line."""
+
+
+def _fast_full(data: bytes, ctx: _Ctx) -> _FullFile | None:
+    """Full mode's bulk read of a run file: every line in the store's exact form, one
+    signature per record by a trusted record key that verifies, every body canonical."""
+    # The whole file as one JSON array of lines: one decode; then each line must be exactly
+    # its element encoded back (the store's exact form, and one commit per line: an element
+    # spanning two lines cannot pass), with no per-line Python.
+    lines = data.split(b"\n")
+    lines.pop()
+    decoded_lines = _lines_decoder.decode(b"[%s]" % b",".join(lines))
+    if list(map(_encoder.encode, decoded_lines)) != lines:
+        return None
+    per_line = list(map(_get_records, decoded_lines))
+    counts = list(map(len, per_line))
+    if 0 in counts:
+        return None
+    envs: list[_FastEnvelope] = list(chain.from_iterable(per_line))
+    if set(map(_get_type, envs)) != {PAYLOAD_TYPE}:
+        return None
+    sig_lists = list(map(_get_sigs, envs))
+    if set(map(len, sig_lists)) != {1}:
+        return None  # several signatures (a rotation) or none: the exact pass decides
+    sigs = list(map(_first, sig_lists))
+    keyids: list[str] = list(map(_get_keyid, sigs))
+    publics = list(map(ctx.record_keys.get, keyids))
+    if None in publics:
+        return None
+    bodies: list[bytes] = list(map(_get_payload, envs))
+    if not verify_all(list(map(_get_sig, sigs)), list(map(pae, bodies)),
+                      publics):  # type: ignore[arg-type]
+        return None
+    decoded = list(map(_body_strict.decode, bodies))
+    if list(map(_body_encoder.encode, decoded)) != bodies:
+        return None
+    return _FullFile(bodies, keyids, decoded, counts,
+                     list(map(bytes, map(_get_state, decoded_lines))))
+
+
 def _fast_run(data: bytes, rel: str, ctx: _Ctx, expect_name: bool) -> RunResult | None:
     """Bulk check of a whole run file; None means "not proven sound here, use the exact
     pass".  It never reports an error itself, so it only has to be sound, not precise.
 
     Speed: per record there is as little interpreter work as possible - every per-record
     step is a ``map`` of a C function (attribute getters, decoders, hashing, the libsodium
-    call, one decode and one encode of the file as a JSON array) over a whole file's
-    records."""
+    call, one decode of the file as a JSON array) over a whole file's records."""
     if not data.endswith(b"\n"):
         return None
-    full = ctx.mode == "full"
-    line_of = array("I")
-    last_of_line: list[int] = []
-    states: list[bytes] = []
-    counts: list[int] = []
-    if full:
-        # The whole file as one JSON array of lines: one decode; then each line must be
-        # exactly its element encoded back (the store's exact form, and one commit per
-        # line: an element spanning two lines cannot pass), with no per-line Python.
-        lines = data.split(b"\n")
-        lines.pop()
-        decoded_lines = _lines_decoder.decode(b"[%s]" % b",".join(lines))
-        if list(map(_encoder.encode, decoded_lines)) != lines:
+    full: _FullFile | None = None
+    decoded_bodies: list[Body] | list[_ChainFields]
+    if ctx.mode == "full":
+        full = _fast_full(data, ctx)
+        if full is None:
             return None
-        per_line = list(map(_get_records, decoded_lines))
-        counts = list(map(len, per_line))
-        if 0 in counts:
-            return None
-        envs: list[_FastEnvelope] = list(chain.from_iterable(per_line))
-        line_of.extend(chain.from_iterable(map(repeat, range(1, len(counts) + 1), counts)))
-        last_of_line = [n - 1 for n in accumulate(counts)]
-        states = list(map(bytes, map(_get_state, decoded_lines)))
-        if set(map(_get_type, envs)) != {PAYLOAD_TYPE}:
-            return None
-        sig_lists = list(map(_get_sigs, envs))
-        if set(map(len, sig_lists)) != {1}:
-            return None  # several signatures (a rotation) or none: the exact pass decides
-        sigs = list(map(_first, sig_lists))
-        keyids: list[str] = list(map(_get_keyid, sigs))
-        publics = list(map(ctx.record_keys.get, keyids))
-        if None in publics:
-            return None
-        bodies: list[bytes] = list(map(_get_payload, envs))
-        if not verify_all(list(map(_get_sig, sigs)), list(map(pae, bodies)),
-                          publics):  # type: ignore[arg-type]
-            return None
-        decoded_bodies: list[Body] | list[_Chain] = list(map(_body_strict.decode, bodies))
-        if list(map(_body_encoder.encode, decoded_bodies)) != bodies:
-            return None
+        bodies, keyids, decoded_bodies = full.bodies, full.keyids, full.decoded
     else:
         # One pass of a compiled pattern over the whole file; line numbers are only needed
         # to report an error, and errors are the exact pass's business.  (Splitting the file
@@ -656,7 +684,7 @@ def _fast_run(data: bytes, rel: str, ctx: _Ctx, expect_name: bool) -> RunResult 
         if not found:
             return None
         bodies = list(map(a2b_base64, found))
-        decoded_bodies = list(map(_body_lenient.decode, bodies))
+        decoded_bodies = list(map(_body_chain_fields.decode, bodies))
         keyids = list(map(_get_key_id, decoded_bodies))  # unsigned: body and envelope agree
     n = len(bodies)
     first = decoded_bodies[0]
@@ -670,26 +698,31 @@ def _fast_run(data: bytes, rel: str, ctx: _Ctx, expect_name: bool) -> RunResult 
         list(map(_get_seq, decoded_bodies)) != list(range(n))
         or list(map(_get_prev, decoded_bodies)) != [genesis(log_id, run_id), *hexes[:-1]]
         or set(map(_get_owner, decoded_bodies)) != {(run_id, log_id)}
-        or (full and list(map(_get_key_id, decoded_bodies)) != keyids)
+        or (full is not None and list(map(_get_key_id, decoded_bodies)) != keyids)
         or kinds[0] != STARTED
+        or not _lifecycle_ok(kinds, ctx.require_seals)
     ):
         return None
-    if not _lifecycle_ok(kinds, ctx.require_seals):
-        return None
-    if full and not _states_ok(last_of_line, states, hexes, decoded_bodies):
-        return None
+    line_of = array("I")
+    slots = b""
+    if full is not None:
+        counts = full.counts
+        last_of_line = [k - 1 for k in accumulate(counts)]
+        if not _states_ok(last_of_line, full.states, hexes, full.decoded):
+            return None
+        line_of.extend(chain.from_iterable(map(repeat, range(1, len(counts) + 1), counts)))
+        slots = array("H", chain.from_iterable(map(range, counts))).tobytes()
     segments = [(i, k) for i, k in enumerate(keyids) if not i or keyids[i - 1] != k] \
         if len(set(keyids)) > 1 else [(0, keyids[0])]
     return RunResult(
         path=rel, run_id=run_id, log_id=first.log_id, leaves=b"".join(hashes),
-        lines=line_of.tobytes(),
-        slots=array("H", chain.from_iterable(map(range, counts))).tobytes() if full else b"",
-        key_segments=segments, keys=dict(Counter(keyids)),
+        lines=line_of.tobytes(), slots=slots, key_segments=segments,
+        keys=dict(Counter(keyids)),
     )
 
 
 def _states_ok(last_of_line: list[int], states: list[bytes], hexes: list[str],
-               bodies: Sequence[Body | _Chain]) -> bool:
+               bodies: Sequence[Body]) -> bool:
     """Each line's stored state is the one its last record signed (see ``check_state``).
     (A version built of C-level maps was tried: slower, its intermediate lists cost more
     than this loop's interpreter work; the hashing dominates either way.)"""

@@ -212,3 +212,30 @@ def test_trust_root_strict(doc: bytes) -> None:
     """Unknown fields, other versions, key ids that do not match their key: TrustError."""
     with pytest.raises(TrustError):
         TrustRoot.loads(doc)
+
+
+def test_checkpoint_signature_base64_must_be_canonical() -> None:
+    """A signature line whose base64 differs only in the unused bits before the padding
+    decodes to the same signature; it is still another text, so it is ``malformed``
+    (found by the tamper suite's random byte edits)."""
+    import base64
+
+    from wakepoint.ledger.checkpoint import (
+        Checkpoint,
+        CheckpointError,
+        parse_checkpoint,
+        sign_checkpoint,
+    )
+    from wakepoint.ledger.keys import Signer
+
+    signer = Signer.from_seed(b"\x01" * 32)
+    note = sign_checkpoint(Checkpoint("wakepoint/x", 1, bytes(32)), signer)
+    sig = note.rsplit(" ", 1)[1].rstrip("\n")
+    assert sig.endswith("=") and not sig.endswith("==")  # 68 bytes: two unused bits
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    twin = sig[:-2] + alphabet[alphabet.index(sig[-2]) ^ 1] + "="
+    assert base64.b64decode(twin) == base64.b64decode(sig)
+    assert parse_checkpoint(note)[2]
+    with pytest.raises(CheckpointError) as err:
+        parse_checkpoint(note.replace(sig, twin))
+    assert err.value.code == "malformed"
