@@ -38,12 +38,12 @@ What is exactly-once, and what is not (several workers, or workers next to clien
   worker driving a run holds (and renews) the run's lease while the call runs. If that
   process dies before the outcome is committed, the request is *orphaned*; the orphan sweep
   (every ``orphan_after / 2`` seconds, jittered, and at start-up) looks at every effect
-  whose request is older than ``orphan_after`` and, on a store with ``take`` (SQL), first
-  takes the run's lease: a live dispatcher still holds it, and of several sweepers only one
+  whose request is older than ``orphan_after`` and first takes the run's lease
+  (``store.take``): a live dispatcher still holds it, and of several sweepers only one
   gets it. It then dispatches the effect again with the same idempotency key
-  (``run_id:step``). So on SQL a function runs twice only after its dispatcher died mid-call
-  (or, dispatched by a plain client process that holds no lease, when it runs longer than
-  ``orphan_after``); on a store without ``take`` also when it runs longer than
+  (``run_id:step``). So a function runs twice only after its dispatcher died mid-call (or,
+  dispatched by a plain client process that holds no lease, when it runs longer than
+  ``orphan_after``); with a third-party store without ``take`` also when it runs longer than
   ``orphan_after`` or when two workers sweep the same orphan at the same moment. In every
   case the outcome is committed once (the second commit conflicts), and a function that keys
   its side effect on ``idempotency_key`` takes effect once.
@@ -417,7 +417,7 @@ class Worker:
         self._next_sweep = now + timedelta(seconds=half * (1 + random.random()))
         cutoff = now - self.orphan_after
         take: Callable[[str, str, timedelta, datetime], bool] | None = getattr(
-            self.runtime.store, "take", None)
+            self.runtime.store, "take", None)  # every wakepoint store has it; others may not
         for kind in ("effect", "child"):
             for state in self.runtime.store.list(status=Status.WAITING, wait_kind=kind):
                 if state.updated_at > cutoff or not self._serves(state.workflow):

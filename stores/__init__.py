@@ -14,7 +14,6 @@ from .base import (
     Store,
     StoreError,
     SupportsCheckpoints,
-    SupportsTake,
 )
 from .memory import MemoryStore
 
@@ -47,6 +46,5 @@ __all__ = [
     "Store",
     "StoreError",
     "SupportsCheckpoints",
-    "SupportsTake",
     "open_store",
 ]

@@ -21,16 +21,16 @@ changes both in one atomic ``commit``.  Contract (the conformance suite in
   if it still holds it (an expired lease nobody else claimed counts as held); False, and
   nothing changed, otherwise.  A worker renews the runs it is driving (a node that runs long),
   so that no other worker claims them while it lives.
+* ``take(run_id, worker, lease, now) -> bool``: lease one given run to ``worker`` until
+  ``now + lease`` unless another worker holds an unexpired lease on it, whatever the run's
+  state (``claim`` hands out only runs that need a worker).  The worker's orphan sweep takes
+  a run WAITING on an effect before dispatching the effect again, so that a live dispatcher
+  (which holds and renews that lease) and a second sweeper are kept out.
 * ``hold(run_id)``: a context manager under which this process drives one run; stores that lock
   per run (JSONL) take the lock once for the whole drive instead of once per commit.
 
 Optional (not part of ``Store``; callers check with ``getattr``):
 
-* ``take(run_id, worker, lease, now) -> bool`` (``SupportsTake``): lease one given run to
-  ``worker`` until ``now + lease`` unless another worker holds an unexpired lease on it,
-  whatever the run's state (``claim`` hands out only runs that need a worker).  The worker's
-  orphan sweep takes a run WAITING on an effect before dispatching the effect again, so that
-  a live dispatcher (which holds and renews that lease) and a second sweeper are kept out.
 
 * ``next_deadline(after) -> datetime | None``: the earliest deadline of a WAITING run later
   than ``after``; a worker arms its alarm with it (without it, the worker lists the waiting
@@ -125,6 +125,10 @@ class Store(Protocol):
         """Extend ``worker``'s lease on ``run_id`` to ``now + lease``; False if not held."""
         ...
 
+    def take(self, run_id: str, worker: str, lease: timedelta, now: datetime) -> bool:
+        """Lease ``run_id`` to ``worker`` unless another worker holds an unexpired lease."""
+        ...
+
     def hold(self, run_id: str) -> AbstractContextManager[None]:
         """Keep ``run_id`` ready for a series of commits by this process."""
         ...
@@ -135,15 +139,6 @@ class Store(Protocol):
 
     def close(self) -> None:
         """Flush and release resources; the store is unusable afterwards."""
-        ...
-
-
-@runtime_checkable
-class SupportsTake(Protocol):
-    """``take`` (see the module docstring); optional until every store has it."""
-
-    def take(self, run_id: str, worker: str, lease: timedelta, now: datetime) -> bool:
-        """Lease ``run_id`` to ``worker`` unless another worker holds an unexpired lease."""
         ...
 
 

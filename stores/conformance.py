@@ -1076,13 +1076,11 @@ def check_renew(store: Store) -> None:
 
 
 def check_take(store: Store) -> None:
-    """``take`` (``SupportsTake``) leases one given run whatever its state, unless another
+    """``take`` leases one given run whatever its state, unless another
     worker holds an unexpired lease: a WAITING run (which ``claim`` never hands out) is
     taken; a second taker is refused until the lease expires or is released; the holder
     may take it again (extending it); an unknown run is refused."""
-    take = getattr(store, "take", None)
-    if take is None:
-        raise _fail("take", f"{type(store).__name__} has no take(run_id, worker, lease, now)")
+    take = store.take
     h = Harness(store)
     h.start(CALL, "r1", {"key": "evt:k0", "data": 3, "boom": False})
     h.tick("r1")  # WAITING on its effect: not claimable, but takeable
@@ -1099,10 +1097,6 @@ def check_take(store: Store) -> None:
     store.release("r1", "w2")
     _equal(take("r1", "w3", lease, now + timedelta(seconds=16)), True, "after a release")
     _equal(take("unknown", "w1", lease, now), False, "an unknown run")
-
-
-TAKE_CHECKS: tuple[Callable[[Store], None], ...] = (check_take,)
-"""Checks of the optional ``take``; they join ``QUERY_CHECKS`` once every store has it."""
 
 
 def check_hold(store: Store) -> None:
@@ -1150,6 +1144,7 @@ QUERY_CHECKS: tuple[Callable[[Store], None], ...] = (
     check_claim_limit,
     check_claim_release,
     check_renew,
+    check_take,
     check_hold,
     check_awkward_run_ids,
 )

@@ -53,7 +53,6 @@ from wakepoint.stores import Store, StoreError, open_store
 from wakepoint.stores.conformance import (
     COUNTER,
     QUERY_CHECKS,
-    TAKE_CHECKS,
     Harness,
     StoreMachine,
     race_claims,
@@ -188,16 +187,6 @@ def test_query_checks(url: str, check: Callable[[Store], None]) -> None:
     store = SqlStore(url, upgrade=True)
     try:
         check(store)
-    finally:
-        store.close()
-
-
-def test_take_check(url: str) -> None:
-    """The conformance suite's ``take`` check (optional in the protocol) on each dialect."""
-    store = SqlStore(url, upgrade=True)
-    try:
-        for check in TAKE_CHECKS:
-            check(store)
     finally:
         store.close()
 
