@@ -35,7 +35,7 @@ from wakepoint.ledger.logindex import make_checkpoint
 from wakepoint.ledger.records import pae, record_hash, sign_entries
 from wakepoint.ledger.rotation import rotation_record, seal_record
 from wakepoint.ledger.trust import TrustedKey, TrustRoot
-from wakepoint.ledger.verify import Report, verify
+from wakepoint.ledger.verify import ExportError, Report, export, verify
 from wakepoint.stores import open_store
 
 KEY = Signer.from_seed(b"\x01" * 32)
@@ -335,3 +335,19 @@ def test_rotation_signed_by_one_key_is_unauthorized(led: SqlLedger) -> None:
         report = led.verify(trust=trust)
         check(report, "rotation_unauthorized", row)
         assert "rotation" in report.unchecked
+
+
+def test_export_of_the_sql_ledger(led: SqlLedger, tmp_path: Path) -> None:
+    """The export of the database verifies to the database's own counts and checkpoint, and
+    with the auditor's anchor; a database with a deleted row is refused (verify it directly:
+    it names the row)."""
+    out = tmp_path / "sql.export"
+    assert export(led.url, out) == 18
+    direct, exported = led.verify(), verify(out, led.trust, anchor=led.anchor)
+    assert exported.ok, exported.error
+    assert (exported.records, exported.runs, exported.keys) == (direct.records, direct.runs,
+                                                                direct.keys)
+    assert verify(out, led.trust).checkpoint is not None
+    led.sql("DELETE FROM wp_records WHERE position = 4")
+    with pytest.raises(ExportError, match="not dense"):
+        export(led.url, tmp_path / "again.export")
