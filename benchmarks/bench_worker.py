@@ -32,7 +32,8 @@ Measured on the 2-core development VM while other sessions' test suites and benc
   NOTIFY, the sweep taking the run's lease before re-dispatching): all complete in 56.6 s,
   10,000 call executions for 10,000 keys, every ledger verifies (with ``run.sealed``);
 * idle: 100,000 waiting runs; worker RSS 55 MB, 2 threads, 0.55 s CPU in 30 s (start-up
-  included) - target met;
+  included) - target met; again 2026-11-21 07:55 UTC: RSS 55.4 MB, 3 threads (the third is
+  the LISTEN connection's), 0.65 s CPU in 30 s;
 * scaling (re-measured 2026-11-21 07:40 UTC, load average 6.3, after this round's changes:
   one-statement commits on PostgreSQL, NOTIFY wake-ups, no alarm re-arm per claim round):
   1 worker 1,026 transitions/s (1,154 per CPU-second of workers + PostgreSQL), 2 workers
