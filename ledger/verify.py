@@ -81,21 +81,23 @@ worker processes.
 from __future__ import annotations
 
 import base64
+import contextlib
 import ctypes
 import hashlib
 import importlib
 import os
 import re
+import shutil
 import time
 from array import array
 from binascii import a2b_base64, unhexlify
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from itertools import accumulate, chain, groupby, repeat
 from operator import attrgetter, itemgetter, methodcaller
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import quote
 
 import msgspec
@@ -1480,10 +1482,14 @@ class _Stream:
             report.checkpoint = self.g.last
             report.uncovered = len(self.g.leaves) - max(self.g.last_size, 0)
 
-    def run(self, items: Sequence[_Item], report: Report, anchor: str | None,
-            torn: Problem | None = None, progress: Progress | None = None) -> None:
+    def run(self, items: Iterable[_Item], report: Report, anchor: str | None,
+            torn: Problem | None = None, progress: Progress | None = None,
+            total: int | None = None) -> None:
+        """Check ``items`` in order; ``total`` (for progress) defaults to their number."""
         problem = None
-        total = len(items)
+        if total is None:
+            items = list(items)
+            total = len(items)
         for done, item in enumerate(items, start=1):
             problem = self.feed(item)
             if problem is not None:
@@ -1496,11 +1502,22 @@ class _Stream:
 _cosigs = msgspec.json.Decoder(list[Signature])
 
 
-def _sql_items(url: str) -> tuple[str | None, list[_Item], list[str]]:
-    """The log id, the records (with ``cosigs`` when the schema has that column) and stored
-    checkpoints (when it has ``wp_checkpoints``) of a SQL store, in global order, each
-    checkpoint placed right after the last record it covers (its tree size); and what the
-    schema cannot hold (before migration 0002: ``checkpoints``, ``rotation``)."""
+class _SqlSource(msgspec.Struct):
+    """A SQL store's ledger, read as a stream (memory stays flat however large it is)."""
+
+    log_id: str | None
+    lacks: list[str]
+    """What the schema cannot hold (before migration 0002: ``checkpoints``, ``rotation``)."""
+    total: int
+    """Records (for progress)."""
+    items: Iterator[_Item]
+    """Records in global order (with ``cosigs`` when the schema has that column) and the
+    stored checkpoints (when it has ``wp_checkpoints``), each right after the last record
+    it covers.  Close it when stopping early (it holds a connection)."""
+
+
+def _sql_source(url: str) -> _SqlSource:
+    """Open a SQL store's ledger for reading (``VerifyUsageError`` if it is not one)."""
     import sqlalchemy
 
     try:
@@ -1514,10 +1531,8 @@ def _sql_items(url: str) -> tuple[str | None, list[_Item], list[str]]:
             if "wp_records" not in tables:
                 raise VerifyUsageError(f"{url}: not a wakepoint SQL store (no wp_records)")
             columns = {c["name"] for c in inspector.get_columns("wp_records")}
-            cos = ", cosigs" if "cosigs" in columns else ""
-            rows = conn.execute(sqlalchemy.text(
-                "SELECT position, run_id, seq, key_id, body, sig, record_hash" + cos +
-                " FROM wp_records ORDER BY position")).all()
+            total = int(conn.execute(sqlalchemy.text(
+                "SELECT count(*) FROM wp_records")).scalar_one())
             log_id = None
             if "wp_meta" in tables:
                 found = conn.execute(sqlalchemy.text("SELECT log_id FROM wp_meta")).all()
@@ -1526,26 +1541,51 @@ def _sql_items(url: str) -> tuple[str | None, list[_Item], list[str]]:
             if "wp_checkpoints" in tables:
                 notes = _sql_checkpoints(conn)
     except sqlalchemy.exc.SQLAlchemyError as exc:
+        engine.dispose()
+        raise VerifyUsageError(f"cannot read the ledger of {url}: {exc}") from None
+    cosigs = "cosigs" in columns
+    lacks = [name for name, present in (("checkpoints", "wp_checkpoints" in tables),
+                                        ("rotation", cosigs)) if not present]
+    return _SqlSource(log_id, lacks, total,
+                      _place(_sql_rows(engine, url, cosigs), notes))
+
+
+def _sql_rows(engine: object, url: str, cosigs: bool) -> Iterator[_Item]:
+    """The records of ``wp_records`` in position order, fetched in batches."""
+    import sqlalchemy
+
+    statement = sqlalchemy.text(
+        "SELECT position, run_id, seq, key_id, body, sig, record_hash" +
+        (", cosigs" if cosigs else "") + " FROM wp_records ORDER BY position")
+    try:
+        with engine.connect() as conn:  # type: ignore[attr-defined]
+            result = conn.execution_options(stream_results=True, yield_per=2000).execute(
+                statement)
+            try:
+                for row in result:
+                    yield _sql_item(row, cosigs)
+            finally:
+                result.close()  # a server-side cursor on PostgreSQL: closed when we stop early
+    except sqlalchemy.exc.SQLAlchemyError as exc:
         raise VerifyUsageError(f"cannot read the ledger of {url}: {exc}") from None
     finally:
-        engine.dispose()
-    items: list[_Item] = []
-    for row in rows:
-        position, run_id, seq, key_id, body, sig, stored_hash = row[:7]
-        problem = None
-        extra: list[Signature] = []
-        raw = row[7] if cos else None
-        if raw:
-            try:
-                extra = _cosigs.decode(bytes(raw) if not isinstance(raw, str) else raw)
-            except ValueError as exc:
-                problem = f"cosigs: {exc}"
-        env = Envelope(PAYLOAD_TYPE, bytes(body), [Signature(key_id, bytes(sig)), *extra])
-        items.append(_Item(int(position), env=env, run_id=run_id, seq=int(seq),
-                           stored_hash=stored_hash, problem=problem))
-    lacks = [name for name, present in (("checkpoints", "wp_checkpoints" in tables),
-                                        ("rotation", bool(cos))) if not present]
-    return log_id, _place(items, notes), lacks
+        engine.dispose()  # type: ignore[attr-defined]
+
+
+def _sql_item(row: Any, cosigs: bool) -> _Item:
+    """One ``wp_records`` row as a stream item (a SQLAlchemy row: untyped)."""
+    position, run_id, seq, key_id, body, sig, stored_hash = row[:7]
+    problem = None
+    extra: list[Signature] = []
+    raw = row[7] if cosigs else None
+    if raw:
+        try:
+            extra = _cosigs.decode(raw if isinstance(raw, str) else bytes(raw))
+        except ValueError as exc:
+            problem = f"cosigs: {exc}"
+    env = Envelope(PAYLOAD_TYPE, bytes(body), [Signature(key_id, bytes(sig)), *extra])
+    return _Item(int(position), env=env, run_id=run_id, seq=int(seq),
+                 stored_hash=stored_hash, problem=problem)
 
 
 def _sql_checkpoints(conn: object) -> list[tuple[int, str]]:
@@ -1559,25 +1599,29 @@ def _sql_checkpoints(conn: object) -> list[tuple[int, str]]:
              else bytes(r[1]).decode("utf-8", "replace")) for r in rows]
 
 
-def _place(items: list[_Item], notes: Sequence[tuple[int, str]]) -> list[_Item]:
+def _place(items: Iterable[_Item], notes: Sequence[tuple[int, str]]) -> Iterator[_Item]:
     """Interleave checkpoint notes (row key, note) into records: each right after the record
     its own stated size ends at, never before an earlier note; a note that does not parse
-    goes where it was found in order (it is reported ``malformed``).  Positions name a note
-    by its row's key (``wp_checkpoints size=<n>``)."""
-    out: list[_Item] = []
-    i = 0
+    goes where it was found in order (it is reported ``malformed``), one whose size exceeds
+    the records at the end (``behind_checkpoint``).  Positions name a note by its row's key
+    (``wp_checkpoints size=<n>``)."""
+    placed: list[tuple[int, _Item]] = []
     for k, (key, note) in enumerate(notes, start=1):
-        where = f"wp_checkpoints size={key}"
         try:
             size = parse_checkpoint(note)[0].size
         except CheckpointError:
             size = 0
-        while i < min(size, len(items)):
-            out.append(items[i])
-            i += 1
-        out.append(_Item(-k, note=note, where=where))
-    out.extend(items[i:])
-    return out
+        placed.append((size, _Item(-k, note=note, where=f"wp_checkpoints size={key}")))
+    waiting = iter(placed)
+    nxt = next(waiting, None)
+    for count, item in enumerate(items):
+        while nxt is not None and nxt[0] <= count:
+            yield nxt[1]
+            nxt = next(waiting, None)
+        yield item
+    while nxt is not None:
+        yield nxt[1]
+        nxt = next(waiting, None)
 
 
 def _sql_label(number: int) -> str:
@@ -1586,13 +1630,16 @@ def _sql_label(number: int) -> str:
 
 def _verify_sql(url: str, trust: TrustRoot, anchor: str | None, report: Report, mode: str,
                 require_seals: bool, progress: Progress | None = None) -> None:
-    log_id, items, lacks = _sql_items(url)
     if mode == "chain" and anchor is not None:
         raise VerifyUsageError("an anchor needs full mode")
-    stream = _Stream(trust, trust.log_id or log_id, mode, require_seals, _sql_label)
-    stream.run(items, report, anchor, progress=progress)
+    source = _sql_source(url)
+    stream = _Stream(trust, trust.log_id or source.log_id, mode, require_seals, _sql_label)
+    try:
+        stream.run(source.items, report, anchor, progress=progress, total=source.total)
+    finally:
+        source.items.close()  # type: ignore[attr-defined]
     report.unchecked = (["signatures", "key_validity", "checkpoints"] if mode == "chain"
-                        else lacks)
+                        else source.lacks)
 
 
 # --- export files ------------------------------------------------------------------------
@@ -1777,46 +1824,75 @@ def _jsonl_export(root_dir: Path) -> tuple[str, bool, list[bytes]]:
     return log_id, True, out
 
 
+def _sql_export_lines(url: str) -> tuple[str, Iterator[bytes]]:
+    source = _sql_source(url)
+    if source.log_id is None:
+        source.items.close()  # type: ignore[attr-defined]
+        raise ExportError(f"{url}: no log id in wp_meta")
+
+    def lines() -> Iterator[bytes]:
+        position = 0
+        try:
+            for item in source.items:
+                if item.note is not None:
+                    yield _encoder.encode(CheckpointLine(item.note))
+                    continue
+                position += 1
+                if item.problem is not None:
+                    raise ExportError(f"{url}: row {item.number}: {item.problem}")
+                if item.number != position:
+                    raise ExportError(f"{url}: record positions are not dense from 1 (rows "
+                                      f"were deleted before row {item.number})")
+                yield _encoder.encode(item.env)
+        finally:
+            source.items.close()  # type: ignore[attr-defined]
+
+    return source.log_id, lines()
+
+
 def export(source: str | os.PathLike[str], out: str | os.PathLike[str]) -> int:
     """Write the ledger of ``source`` (a JSONL store directory or a SQLAlchemy URL) to the
     new file ``out`` as an export file (see docs/AUDIT.md); returns the number of records.
 
     The export is a transcription, not a verification: records and checkpoints as stored,
     in global order.  Refuses (``ExportError``) a store whose records cannot be put in order
-    (run files and index disagree) and (``FileExistsError``) an existing ``out``."""
+    (run files and index disagree, SQL positions with holes) and (``FileExistsError``) an
+    existing ``out``.  A SQL ledger is streamed (memory stays flat)."""
     text = os.fspath(source)
+    body: Iterable[bytes]
     if "://" in text:
-        log_id, items, _ = _sql_items(text)
-        if log_id is None:
-            raise ExportError(f"{text}: no log id in wp_meta")
+        log_id, body = _sql_export_lines(text)
         ordered = True
-        body = [_encoder.encode(CheckpointLine(i.note)) if i.note is not None
-                else _encoder.encode(i.env) for i in items if i.problem is None]
-        if any(i.problem is not None for i in items):
-            raise ExportError(f"{text}: a row whose signatures cannot be read")
-        rows = [i.number for i in items if i.note is None]
-        if rows != list(range(1, len(rows) + 1)):
-            raise ExportError(f"{text}: record positions are not dense from 1 (rows were "
-                              "deleted)")
     else:
         path = Path(text.removeprefix("jsonl:"))
         if not (path / "runs").is_dir():
             raise ExportError(f"{path}: not a JSONL store (no runs/ directory)")
         log_id, ordered, body = _jsonl_export(path)
-    records = sum(1 for line in body if not line.startswith(b'{"checkpoint"'))
-    header = _encoder.encode(ExportHeader(EXPORT_FORMAT, 1, log_id, ordered, records))
     target = Path(out)
-    temp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    with open(temp, "xb") as f:
-        f.write(header + b"\n")
-        for line in body:
-            f.write(line + b"\n")
-        f.flush()
-        os.fsync(f.fileno())
+    if target.exists() or target.is_symlink():
+        raise FileExistsError(f"{target} exists")
+    stem = f".{target.name}.{os.getpid()}"
+    lines_file = target.with_name(stem + ".lines")
+    temp = target.with_name(stem + ".tmp")
+    records = 0
     try:
+        # The header states the record count, known only at the end: the lines go to a side
+        # file first, then header and lines to the file that is linked into place.
+        with open(lines_file, "xb") as f:
+            for line in body:
+                records += not line.startswith(b'{"checkpoint"')
+                f.write(line + b"\n")
+        header = _encoder.encode(ExportHeader(EXPORT_FORMAT, 1, log_id, ordered, records))
+        with open(temp, "xb") as f, open(lines_file, "rb") as lines:
+            f.write(header + b"\n")
+            shutil.copyfileobj(lines, f, 1 << 20)
+            f.flush()
+            os.fsync(f.fileno())
         os.link(temp, target)  # never replaces an existing file
     finally:
-        os.unlink(temp)
+        for leftover in (lines_file, temp):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
     return records
 
 
