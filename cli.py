@@ -342,8 +342,10 @@ def _verify_chain(args: argparse.Namespace) -> int:
 
 REQUIRE_SEALS = False
 """THE switch for ``ledger verify``: whether a finished run must end with ``run.sealed``
-(``missing_seal`` otherwise).  False while the runtime does not seal finished runs; flip it
-to True when it does (nothing else changes)."""
+(``missing_seal`` otherwise).  It was off because the runtime did not seal finished runs; the
+runtime seals them now, in the commit that finishes the run, so it is to be turned on (the
+runtime's owner decides when: ledgers written before sealing would then report their
+finished runs as ``missing_seal``).  Nothing else changes with it."""
 
 PROGRESS_MIN_RECORDS = 100_000
 """``ledger verify`` draws a progress bar on a terminal only once this many records are
