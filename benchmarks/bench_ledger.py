@@ -43,20 +43,22 @@ What bounds them.  Full mode: libsodium's Ed25519 verify alone is 62-67 us per s
 here (15,000-16,000 per CPU-second, the first row; 18,700 on an idle machine), so 15,000
 records/s on one core needs everything else in under ~4 us per record on this VM - below
 the cost of merely decoding the record's base64 and JSON.  Everything else is ~15 us per
-record (measured with the signature call stubbed out): the file decoded as one JSON array
-and each line encoded back for the canonical check (~2.4 us), the strict body decode and
-re-encode (~1.6 us), the state digest per line (~1.8 us), record hashes (~0.9 us), the index
-walk with the Merkle roots of the checkpoints (~3.5 us, of which ~1.3 us the Merkle node
-hashes), the rest list bookkeeping.  All per-record steps are already C-level ``map``s
-(no Python frame per record); the signatures are verified back to back.  Estimate, not
-measured here (the VM was never idle): with 18,700 signatures per CPU-second (53.5 us) and the
-other work at the same ~15 us, one process would do ~14,600 records per CPU-second.
-Chain mode (~4.5 us per record): base64 (1.0 us), record hashes (0.9 us), the payload scan
-(0.7 us), the lenient body decode (0.6 us) - one process cannot reach 300,000/s (3.3 us) in
-pure Python; the CLI verifies with one process per core, which gets there on an idle
-2-core machine (1.8-1.9x).  Tried and dropped: a regex-only line parser (slower than msgspec),
-splitting a file on the constant envelope head (slower: it copies every line's state), the
-state check as C-level maps (slower: the intermediate lists cost more than the loop).
+record (whole verify with the signature call stubbed out; 14.4 us with the garbage collector
+off); per step, timed one by one on 60 run files under load: the file decoded as one JSON
+array of lines (2.5 us with untracked structs, 3.5 us before), each line encoded back for the
+canonical check (1.3), the state digest per line (2.3), record hashes (1.2), the strict body
+decode (1.2) and re-encode (0.8), splitting (0.6), list bookkeeping (~2), and the index walk
+with the Merkle roots of the checkpoints (~3.5, of which ~1.3 the Merkle node hashes).  All
+per-record steps are C-level ``map``s (no Python frame per record); the signatures are
+verified back to back.  Estimate, not measured here (the VM was never idle): with 18,700
+signatures per CPU-second (53.5 us) and the other work at the same ~15 us, one process would
+do ~14,600 records per CPU-second.  Chain mode (~4.2-4.5 us per record): base64 (1.0 us),
+record hashes (0.9 us), the payload scan (0.7 us), the body decode of six fields (0.45 us) -
+one process does not reach 300,000/s (3.3 us) in pure Python; the CLI verifies with one
+process per core: 347,000/s in the second run above.  Tried and dropped: a regex-only line
+parser (slower than msgspec), splitting a file on the constant envelope head (slower: it
+copies every line's state), the state check as C-level maps (slower: the intermediate lists
+cost more than the loop).
 """
 
 from __future__ import annotations
