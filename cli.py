@@ -340,12 +340,11 @@ def _verify_chain(args: argparse.Namespace) -> int:
     return 0
 
 
-REQUIRE_SEALS = False
+REQUIRE_SEALS = True
 """THE switch for ``ledger verify``: whether a finished run must end with ``run.sealed``
-(``missing_seal`` otherwise).  It was off because the runtime did not seal finished runs; the
-runtime seals them now, in the commit that finishes the run, so it is to be turned on (the
-runtime's owner decides when: ledgers written before sealing would then report their
-finished runs as ``missing_seal``).  Nothing else changes with it."""
+(``missing_seal`` otherwise).  On: the runtime seals every finished run in the commit that
+finishes it, so an unsealed finished run is a truncated chain.  (Ledgers written before the
+runtime sealed - none outside this repository's history - would report ``missing_seal``.)"""
 
 PROGRESS_MIN_RECORDS = 100_000
 """``ledger verify`` draws a progress bar on a terminal only once this many records are
