@@ -74,8 +74,11 @@ def _run(worker: Worker, workers: list[Worker]) -> Worker:
 
 
 def test_timers_fire_on_time_on_a_live_worker(workers: list[Worker]) -> None:
-    """Timers set by runs in the worker's own process wake within a loose 150 ms of their
-    due time, without waiting for the poll (on_due re-arms the alarm)."""
+    """Timers set by runs in the worker's own process wake within a loose 300 ms of their
+    due time, without waiting for the 30 s poll (on_due re-arms the alarm).  The bound only
+    separates the alarm from the poll: the suite shares two cores with parallel tests (150 ms
+    was exceeded once at load 5); the lateness figure itself (p99 <= 50 ms) is
+    bench_worker.py's, on a quiet machine."""
     rt = Runtime("memory:", [timer_wf])
     _run(Worker(rt, concurrency=2, poll=30), workers)
     time.sleep(0.05)  # the worker has armed for now + poll
@@ -85,7 +88,7 @@ def test_timers_fire_on_time_on_a_live_worker(workers: list[Worker]) -> None:
     for state in rt.list(status=Status.COMPLETED):
         due = state.created_at + timedelta(seconds=0.2 + int(state.run_id[1:]) * 0.01)
         late = datetime.fromisoformat(state.output) - due
-        assert timedelta(0) <= late < timedelta(milliseconds=150), (state.run_id, late)
+        assert timedelta(0) <= late < timedelta(milliseconds=300), (state.run_id, late)
 
 
 def test_timers_created_by_another_process_are_caught_by_the_poll(
