@@ -15,9 +15,11 @@ import sys
 import textwrap
 from pathlib import Path
 
+import msgspec
 import pytest
 from wakepoint import Runtime, Status, Workflow, ask_user, done, goto
 from wakepoint.ledger.keys import Signer
+from wakepoint.ledger.logindex import INDEX_FILE
 from wakepoint.ledger.records import parse_body
 from wakepoint.ledger.trust import TrustRoot
 from wakepoint.ledger.verify import verify
@@ -194,3 +196,49 @@ def test_checkpoint_if_due_covers_an_idle_processs_last_records(tmp_path: Path) 
     rt._cp_last -= runtime_module._CHECKPOINT_MIN_INTERVAL
     assert rt.checkpoint_if_due() is None  # nothing pending
     rt.close()
+
+
+def test_key_rotation_mid_run_is_handed_over_and_verifies(tmp_path: Path) -> None:
+    """A run waits under key A; the key is rotated (A kept as previous); the next process
+    answers with key B: the chain first gets key.rotated signed by A and co-signed by B,
+    then B's records.  The trust root rotated at that record's global position verifies it;
+    a trust root that never heard of B does not."""
+    root = tmp_path / "store"
+    key_file = tmp_path / "signer.key"
+    old = Signer.generate()
+    old.save(key_file)
+    with Runtime(f"jsonl:{root}", [approval], signer=key_file) as rt:
+        rt.start(approval, run_id="r1")
+        log_id = rt.store.log_id
+    new = Signer.load(key_file).rotate()
+    new.save(key_file, replace=True)
+    with Runtime(f"jsonl:{root}", [approval], signer=key_file) as rt:
+        assert rt.signer.key_id == new.key_id and rt.signer.previous[0].key_id == old.key_id
+        state = rt.respond("r1", "yes")
+        records = rt.ledger("r1")
+        assert rt.verify("r1") == len(records)
+    assert state.status is Status.COMPLETED
+    bodies = [parse_body(r.body) for r in records]
+    assert [b.kind for b in bodies] == ["run.started", "effect.requested", "key.rotated",
+                                       "wait.resumed", "run.completed", "run.sealed"]
+    rotation = records[2]
+    assert rotation.key_id == old.key_id
+    assert [c.keyid for c in rotation.cosigs] == [new.key_id]
+    assert {r.key_id for r in records[3:]} == {new.key_id}
+    # The rotation record's global position: the leaves listed before it in the index.
+    position = 0
+    for raw in (root / INDEX_FILE).read_bytes().splitlines():
+        line = msgspec.json.decode(raw)
+        if "hashes" not in line:
+            continue
+        if rotation.hash in line["hashes"]:
+            position += line["hashes"].index(rotation.hash)
+            break
+        position += len(line["hashes"])
+    trust = _trust(old, log_id).rotate(old.key_id, new, position)
+    report = verify(root, trust, require_seals=True)
+    assert report.ok, report.error
+    assert report.keys == {old.key_id: 3, new.key_id: 3}  # key.rotated counts for the old
+    unrotated = verify(root, _trust(old, log_id), require_seals=True)
+    assert not unrotated.ok and unrotated.error is not None
+    assert unrotated.error.code in {"unknown_key", "rotation_unauthorized"}
