@@ -246,9 +246,20 @@ class Worker:
                 self._renew(now)
             if more:
                 continue  # free threads and claimable runs left: claim again at once
+            self._checkpoint_if_due()
             self._arm(now)
             self._wake.wait()
             self._wake.clear()
+
+    def _checkpoint_if_due(self) -> None:
+        # Before the loop sleeps: records this process committed after the runtime's last
+        # checkpoint get one now (at most one per the runtime's minimum interval), instead
+        # of waiting for the next commit or for close().  A failure is the store's to
+        # report; the worker goes on.
+        try:
+            self.runtime.checkpoint_if_due()
+        except Exception as exc:
+            self._log.warning("checkpoint.failed", error=str(exc))
 
     def _free(self) -> int:
         with self._lock:

@@ -456,3 +456,24 @@ def test_sigterm_stops_a_worker_process_cleanly(tmp_path: Path) -> None:
     out, _ = child.communicate(timeout=10)
     assert child.returncode == 0
     assert "worker.stopping" in out and "worker.stopped" in out
+
+
+def test_an_idle_worker_covers_the_last_records_with_a_checkpoint(
+    workers: list[Worker],
+) -> None:
+    """Records committed right after a checkpoint (within the runtime's minimum interval)
+    are covered by one the worker writes before it sleeps, without a further commit or
+    close(): the store's last checkpoint grows to every record within a few polls."""
+    store = MemoryStore()
+    rt = Runtime(store, [timer_wf], checkpoint_seconds=3600)
+    rt.start(timer_wf, 0.0, run_id="first")  # its end writes the first checkpoint at once
+    rt.start(timer_wf, 0.0, run_id="second")  # too soon after it: left pending
+    total = len(rt.ledger("first")) + len(rt.ledger("second"))
+
+    def covered() -> int:
+        notes = store.checkpoints()
+        return int(notes[-1].splitlines()[1]) if notes else 0
+
+    assert covered() == len(rt.ledger("first"))
+    _run(Worker(rt, concurrency=1, poll=0.1), workers)
+    _wait_for(lambda: covered() == total, timeout=5)
