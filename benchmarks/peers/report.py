@@ -122,10 +122,13 @@ def targets(summary: Summary) -> list[tuple[str, str, bool | None]]:
             continue
         ratio = mine["rate"] / best[1]
         peer = summary[case][best[0]]
+        per_cpu = mine["rate_cpu"] / peer["rate_cpu"]
+        # Met only when both figures clear it: on a shared machine a wall-clock ratio can
+        # clear the line on load noise alone, and the per-CPU ratio says what the code does.
         out.append((f"≥ 5x the best peer, {what}",
-                    f"{ratio:.1f}x ({_num(mine['rate'])} vs {LABEL[best[0]]} "
-                    f"{_num(best[1])}/s); per CPU-second "
-                    f"{mine['rate_cpu'] / peer['rate_cpu']:.1f}x", ratio >= 5))
+                    f"{ratio:.1f}x wall clock ({_num(mine['rate'])} vs {LABEL[best[0]]} "
+                    f"{_num(best[1])}/s); {per_cpu:.1f}x per CPU-second",
+                    ratio >= 5 and per_cpu >= 5))
     crash = _cell(summary, "crash", "wakepoint")
     if crash and "reran_completed_all" in crash:
         reruns = crash["reran_completed_all"]
@@ -155,7 +158,9 @@ def readme_table(summary: Summary) -> list[str]:
         cols = []
         for case in ("linear/memory", "linear/sqlite", "pause"):
             cell = _cell(summary, case, system)
-            if cell is None or "unsupported" in cell:
+            if cell is None:
+                cols.append("-")  # not part of the plan for this system
+            elif "unsupported" in cell:
                 cols.append("n/a")
             elif "rate" not in cell:
                 cols.append("error")
