@@ -110,7 +110,6 @@ def _driver(system: System, args: Iterable[str], timeout: float,
 def _driver_env() -> dict[str, str]:
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)  # each venv sees only what was installed into it
-    env["DBOS__CLOUD"] = "false"
     return env
 
 
