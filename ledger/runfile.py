@@ -1,0 +1,377 @@
+"""Checking JSONL run files: ``check_run_file`` for one, ``_check_files`` for a store's (in
+worker processes when asked).
+
+A sound run file is checked by a bulk pass (``_fast_run``) whose per-record work is C-level
+``map``s: one JSON decode of the whole file, the signatures back to back (``verify_all``).  It
+never reports an error; anything it does not accept is checked again by the exact pass
+(``_exact_run_file``), which parses each line strictly and feeds ``runcheck._RunChecker``, the
+only judge of codes and positions.  The bulk pass is a speed device that knows the JSONL byte
+layout, which is why it lives here and not next to the rules.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+from array import array
+from binascii import a2b_base64
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from itertools import accumulate, chain, repeat
+from operator import attrgetter, itemgetter, methodcaller
+from pathlib import Path
+
+import msgspec
+
+from ._verifycore import Progress, _encoder, _line_decoder, _sha256
+from .records import PAYLOAD_TYPE, Body, Envelope, Signature, genesis, pae
+from .rotation import FINISHED, ROTATED, SEALED
+from .runcheck import (
+    STARTED,
+    RunResult,
+    _body_encoder,
+    _body_strict,
+    _Ctx,
+    _file_name,
+    _RunChecker,
+)
+from .sigverify import verify_all
+
+
+class _ChainFields(msgspec.Struct, frozen=True):
+    """Only what the bulk pass of chain mode reads (decoding fewer fields is faster)."""
+
+    log_id: str
+    run_id: str
+    seq: int
+    prev: str
+    kind: str
+    key_id: str
+
+
+_body_chain_fields = msgspec.json.Decoder(_ChainFields)
+
+
+class _FastSignature(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
+    """``records.Signature`` for the bulk pass (same fields; a test pins that)."""
+
+    keyid: str
+    sig: bytes
+
+
+class _FastEnvelope(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
+    """``records.Envelope`` for the bulk pass, not tracked by the garbage collector: they
+    hold no cycles, and leaving ~4 tracked objects per record out of the collector's
+    generations saves about 1 us per record here."""
+
+    payloadType: str  # DSSE spells it so
+    payload: bytes
+    signatures: list[_FastSignature]
+
+
+class _FastLine(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    records: list[_FastEnvelope]
+    state: msgspec.Raw
+
+
+_lines_decoder = msgspec.json.Decoder(list[_FastLine])
+_get_records = attrgetter("records")
+_get_state = attrgetter("state")
+_LINE_HEAD = b'{"records":'
+_STATE_SEP = b',"state":'
+
+
+def check_run_file(path: str, rel: str, ctx: _Ctx, expect_name: bool = True) -> RunResult:
+    """Check one JSONL run file; ``rel`` is how positions name it.
+
+    A bulk pass (``_fast_run``) checks a sound file with little interpreter work per record;
+    anything it does not accept - damage, a rotation, a torn line - is checked again by the
+    exact record-by-record pass, which alone decides the code and position of an error.
+    """
+    data = Path(path).read_bytes()
+    try:
+        fast = _fast_run(data, rel, ctx, expect_name)
+    except (ValueError, KeyError, IndexError):
+        fast = None
+    return fast if fast is not None else _exact_run_file(data, rel, ctx, expect_name)
+
+
+_PAYLOAD_RE = re.compile(rb'\{"payloadType":"[^"]*","payload":"([^"]*)"')
+_LIFECYCLE = frozenset({STARTED, SEALED, ROTATED}) | FINISHED
+
+
+_get_payload = attrgetter("payload")
+_get_type = attrgetter("payloadType")
+_get_sigs = attrgetter("signatures")
+_get_keyid = attrgetter("keyid")
+_get_sig = attrgetter("sig")
+_first = itemgetter(0)
+_get_seq = attrgetter("seq")
+_get_prev = attrgetter("prev")
+_get_kind = attrgetter("kind")
+_get_key_id = attrgetter("key_id")
+_get_owner = attrgetter("run_id", "log_id")
+_digest = methodcaller("digest")
+_leaf_prefix = b"\x00".__add__
+
+
+class _FullFile(msgspec.Struct):
+    """What the bulk pass of full mode has read and authenticated in one run file."""
+
+    bodies: list[bytes]
+    keyids: list[str]
+    decoded: list[Body]
+    counts: list[int]
+    """Records per line."""
+    states: list[bytes]
+    """The stored state of each line."""
+
+
+def _fast_full(data: bytes, ctx: _Ctx) -> _FullFile | None:
+    """Full mode's bulk read of a run file: every line in the store's exact form, one
+    signature per record by a trusted record key that verifies, every body canonical."""
+    # The whole file as one JSON array of lines: one decode; then each line must be exactly
+    # its element encoded back (the store's exact form, and one commit per line: an element
+    # spanning two lines cannot pass), with no per-line Python.
+    lines = data.split(b"\n")
+    lines.pop()
+    decoded_lines = _lines_decoder.decode(b"[%s]" % b",".join(lines))
+    if list(map(_encoder.encode, decoded_lines)) != lines:
+        return None
+    per_line = list(map(_get_records, decoded_lines))
+    counts = list(map(len, per_line))
+    if 0 in counts:
+        return None
+    envs: list[_FastEnvelope] = list(chain.from_iterable(per_line))
+    if set(map(_get_type, envs)) != {PAYLOAD_TYPE}:
+        return None
+    sig_lists = list(map(_get_sigs, envs))
+    if set(map(len, sig_lists)) != {1}:
+        return None  # several signatures (a rotation) or none: the exact pass decides
+    sigs = list(map(_first, sig_lists))
+    keyids: list[str] = list(map(_get_keyid, sigs))
+    publics = list(map(ctx.record_keys.get, keyids))
+    if None in publics:
+        return None
+    bodies: list[bytes] = list(map(_get_payload, envs))
+    if not verify_all(list(map(_get_sig, sigs)), list(map(pae, bodies)),
+                      publics):  # type: ignore[arg-type]
+        return None
+    decoded = list(map(_body_strict.decode, bodies))
+    if list(map(_body_encoder.encode, decoded)) != bodies:
+        return None
+    return _FullFile(bodies, keyids, decoded, counts,
+                     list(map(bytes, map(_get_state, decoded_lines))))
+
+
+def _fast_run(data: bytes, rel: str, ctx: _Ctx, expect_name: bool) -> RunResult | None:
+    """Bulk check of a whole run file; None means "not proven sound here, use the exact
+    pass".  It never reports an error itself, so it only has to be sound, not precise.
+
+    Speed: per record there is as little interpreter work as possible - every per-record
+    step is a ``map`` of a C function (attribute getters, decoders, hashing, the libsodium
+    call, one decode of the file as a JSON array) over a whole file's records."""
+    if not data.endswith(b"\n"):
+        return None
+    full: _FullFile | None = None
+    decoded_bodies: list[Body] | list[_ChainFields]
+    if ctx.mode == "full":
+        full = _fast_full(data, ctx)
+        if full is None:
+            return None
+        bodies, keyids, decoded_bodies = full.bodies, full.keyids, full.decoded
+    else:
+        # One pass of a compiled pattern over the whole file; line numbers are only needed
+        # to report an error, and errors are the exact pass's business.  (Splitting the file
+        # on the constant envelope head was tried: slower, it copies every line's state.)
+        if not data.startswith(_LINE_HEAD):
+            return None
+        found = _PAYLOAD_RE.findall(data)
+        if not found:
+            return None
+        bodies = list(map(a2b_base64, found))
+        decoded_bodies = list(map(_body_chain_fields.decode, bodies))
+        keyids = list(map(_get_key_id, decoded_bodies))  # unsigned: body and envelope agree
+    n = len(bodies)
+    first = decoded_bodies[0]
+    run_id, log_id = first.run_id, ctx.log_id or first.log_id
+    if expect_name and Path(rel).stem != _file_name(run_id):
+        return None
+    hashes = list(map(_digest, map(_sha256, map(_leaf_prefix, bodies))))
+    hexes = list(map(bytes.hex, hashes))
+    kinds = list(map(_get_kind, decoded_bodies))
+    if (
+        list(map(_get_seq, decoded_bodies)) != list(range(n))
+        or list(map(_get_prev, decoded_bodies)) != [genesis(log_id, run_id), *hexes[:-1]]
+        or set(map(_get_owner, decoded_bodies)) != {(run_id, log_id)}
+        or (full is not None and list(map(_get_key_id, decoded_bodies)) != keyids)
+        or kinds[0] != STARTED
+        or not _lifecycle_ok(kinds, ctx.require_seals)
+    ):
+        return None
+    line_of = array("I")
+    slots = b""
+    if full is not None:
+        counts = full.counts
+        last_of_line = [k - 1 for k in accumulate(counts)]
+        if not _states_ok(last_of_line, full.states, hexes, full.decoded):
+            return None
+        line_of.extend(chain.from_iterable(map(repeat, range(1, len(counts) + 1), counts)))
+        slots = array("H", chain.from_iterable(map(range, counts))).tobytes()
+    segments = [(i, k) for i, k in enumerate(keyids) if not i or keyids[i - 1] != k] \
+        if len(set(keyids)) > 1 else [(0, keyids[0])]
+    return RunResult(
+        path=rel, run_id=run_id, log_id=first.log_id, leaves=b"".join(hashes),
+        lines=line_of.tobytes(), slots=slots, key_segments=segments,
+        keys=dict(Counter(keyids)),
+    )
+
+
+def _states_ok(last_of_line: list[int], states: list[bytes], hexes: list[str],
+               bodies: Sequence[Body]) -> bool:
+    """Each line's stored state is the one its last record signed (see ``check_state``).
+    (A version built of C-level maps was tried: slower, its intermediate lists cost more
+    than this loop's interpreter work; the hashing dominates either way.)"""
+    for last, state in zip(last_of_line, states, strict=True):
+        suffix = b',"seq":%d,"head":"%s"}' % (last, hexes[last].encode())
+        if not state.endswith(suffix):
+            return False
+        before = hexes[last - 1] if last else ""
+        old = state[: -len(suffix)] + b',"seq":%d,"head":"%s"}' % (last - 1, before.encode())
+        if _sha256(old).hexdigest() != bodies[last].state:
+            return False
+    return True
+
+
+def _lifecycle_ok(kinds: list[str], require_seals: bool) -> bool:
+    """One start, at seq 0; a finish only last or just before the seal; a seal only last and
+    only after a finish.  Rotations are left to the exact pass (they change who may sign)."""
+    n = len(kinds)
+    finished = False
+    for i, k in enumerate(kinds):
+        if k not in _LIFECYCLE:
+            continue
+        if k == STARTED:
+            if i:
+                return False
+        elif k in FINISHED:
+            if i < n - 2 or (i == n - 2 and kinds[-1] != SEALED) or finished:
+                return False
+            finished = True
+        elif k != SEALED or i != n - 1 or not finished:
+            return False
+    return not (require_seals and finished and kinds[-1] != SEALED)
+
+
+def _exact_run_file(data: bytes, rel: str, ctx: _Ctx, expect_name: bool) -> RunResult:
+    chk = _RunChecker(ctx, rel, expect_name)
+    lines = data.split(b"\n")
+    tail = lines.pop()
+    torn = None
+    if tail:
+        torn = chk.problem("incomplete_tail_write", len(lines) + 1, None,
+                           f"the last line has no newline ({len(tail)} bytes): a write that "
+                           "never completed")
+    full = ctx.mode == "full"
+    number = 0
+    for number, raw in enumerate(lines, start=1):
+        if full:
+            try:
+                decoded = _line_decoder.decode(raw)
+            except ValueError as exc:  # msgspec errors and bad UTF-8 alike
+                return chk.result(chk.problem("malformed", number, None, str(exc)), torn)
+            state = bytes(decoded.state)
+            envs = decoded.records
+            if raw != b"%s%s%s%s}" % (_LINE_HEAD, _encoder.encode(envs), _STATE_SEP, state):
+                return chk.result(chk.problem("malformed", number, None, "the line is not "
+                                              "in the store's exact form (duplicate or "
+                                              "reordered keys, spacing, base64)"), torn)
+        else:
+            try:
+                envs, state = _fast_envelopes(raw)
+            except ValueError as exc:
+                return chk.result(chk.problem("malformed", number, None, str(exc)), torn)
+        if not envs:
+            return chk.result(chk.problem("malformed", number, None, "a commit without "
+                                          "records"), torn)
+        for slot, env in enumerate(envs):
+            p = chk.feed(env, number, slot)
+            if p is not None:
+                return chk.result(p, torn)
+        if full:
+            p = chk.check_state(state, number, len(envs) - 1)
+            if p is not None:
+                return chk.result(p, torn)
+    if number == 0 and torn is None:
+        return chk.result(chk.problem("malformed", 1, None, "an empty run file"), None)
+    return chk.result(chk.finish(number), torn)
+
+
+def _fast_envelopes(raw: bytes) -> tuple[list[Envelope], bytes]:
+    """Chain mode: pull payloads and key ids out of a line without parsing its state."""
+    if not raw.startswith(_LINE_HEAD):
+        raise ValueError("not a commit line")
+    end = raw.find(_STATE_SEP)  # the first: envelopes cannot contain it, a state can
+    if end < 0:
+        raise ValueError("no state in the commit line")
+    envs = []
+    pos = 0
+    find = raw.find
+    while True:
+        start = find(b'"payload":"', pos, end)
+        if start < 0:
+            break
+        start += 11
+        stop = find(b'"', start, end)
+        k = find(b'"keyid":"', stop, end) + 9
+        kend = find(b'"', k, end)
+        if stop < 0 or k < 9 or kend < 0:
+            raise ValueError("truncated envelope")
+        envs.append(Envelope(PAYLOAD_TYPE, base64.b64decode(raw[start:stop]),
+                             [Signature(raw[k:kend].decode(), b"")]))
+        pos = kend
+    return envs, b""
+
+
+def _check_chunk(args: tuple[list[tuple[str, str]], _Ctx]) -> list[RunResult]:
+    files, ctx = args
+    return [check_run_file(path, rel, ctx) for path, rel in files]
+
+
+def _check_files(files: list[tuple[str, str]], ctx: _Ctx, processes: int,
+                 progress: Progress | None = None) -> list[RunResult]:
+    if progress is not None:
+        sizes = {path: os.path.getsize(path) for path, _ in files}
+        total = sum(sizes.values())
+    if processes <= 1 or len(files) < 2:
+        if progress is None:
+            return _check_chunk((files, ctx))
+        results, records, done = [], 0, 0
+        for path, rel in files:
+            res = check_run_file(path, rel, ctx)
+            results.append(res)
+            records += res.count
+            done += sizes[path]
+            progress(records, done, total)
+        return results
+    # Balance by size: the largest files first, each to the least-loaded worker.
+    sized = sorted(files, key=lambda f: -os.path.getsize(f[0]))
+    chunks: list[list[tuple[str, str]]] = [[] for _ in range(processes * 4)]
+    loads = [0] * len(chunks)
+    for f in sized:
+        i = loads.index(min(loads))
+        chunks[i].append(f)
+        loads[i] += os.path.getsize(f[0])
+    with ProcessPoolExecutor(processes) as pool:
+        out: list[RunResult] = []
+        done = 0
+        used = [c for c in chunks if c]
+        for chunk, part in zip(used, pool.map(_check_chunk, [(c, ctx) for c in used]),
+                               strict=True):
+            out.extend(part)
+            if progress is not None:
+                done += sum(sizes[path] for path, _ in chunk)
+                progress(sum(r.count for r in out), done, total)
+    return out
