@@ -36,7 +36,6 @@ import os
 import random
 import threading
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
@@ -126,7 +125,7 @@ class Runtime:
         sleep: Callable[[float], None] = time.sleep,
         rand: Callable[[], float] = random.random,
         on_due: Callable[[datetime], None] | None = None,
-        checkpoint_records: int = 1000,
+        checkpoint_records: int = 10_000,
         checkpoint_seconds: float = 5.0,
         checkpoints: bool = True,
     ) -> None:
@@ -228,7 +227,8 @@ class Runtime:
         else:
             wf = self.workflow(workflow)
         with self._lock:
-            tr = kernel.start(wf, run_id or uuid.uuid4().hex, input, self.clock())
+            # 32 random hex digits (what uuid4().hex looks like, at a fifth of its cost).
+            tr = kernel.start(wf, run_id or os.urandom(16).hex(), input, self.clock())
             self._log.info("run.started", run_id=tr.state.run_id, workflow=wf.id,
                            node=tr.state.node, step=tr.state.step)
             queue: deque[_Work] = deque()

@@ -35,10 +35,12 @@ class Status(enum.StrEnum):
     @property
     def finished(self) -> bool:
         """True for the three terminal statuses."""
-        return self in _TERMINAL
+        # Identity tests: ``self in frozenset`` hashes the member through Enum.__hash__, a
+        # Python-level call, and the runtime asks this a few times per transition.
+        return self is _COMPLETED or self is _FAILED or self is _CANCELLED
 
 
-_TERMINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED})
+_COMPLETED, _FAILED, _CANCELLED = Status.COMPLETED, Status.FAILED, Status.CANCELLED
 
 WaitKind: TypeAlias = Literal["event", "user", "timer", "child", "effect"]
 
