@@ -597,8 +597,7 @@ class Runtime:
             return state
         new, record = rotation_record(old, self.signer, self.store.log_id, state,
                                       self.clock())
-        self.store.commit(state.run_id, state.seq, new, [record])
-        self._remember_key(new)
+        self._store(state, new, [record])  # remembers the key, counts toward a checkpoint
         self._log.info("key.rotated", run_id=state.run_id, workflow=state.workflow,
                        old=old.key_id, new=self.signer.key_id)
         return new
