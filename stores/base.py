@@ -163,6 +163,11 @@ def check_append(
     This guards the stores against a caller bug; a conflicting concurrent writer is detected
     separately, by comparing ``expected_seq`` with the stored run.
     """
+    if len(records) == 1:  # the common commit (one node): checked without a loop
+        rec = records[0]
+        if (rec.run_id == run_id == state.run_id
+                and rec.seq == expected_seq + 1 == state.seq):
+            return
     if state.run_id != run_id:
         raise StoreError(f"commit for run {run_id!r} carries the state of {state.run_id!r}")
     for offset, rec in enumerate(records, start=1):

@@ -55,7 +55,7 @@ class MemoryStore:
                 raise RunExists(state.run_id)
             self._states[state.run_id] = state
             self._records[state.run_id] = list(records)
-            self._order.extend(r.hash for r in records)
+            self._order.extend([r.hash for r in records])
             self._index(None, state)
 
     def commit(
@@ -71,8 +71,9 @@ class MemoryStore:
                 raise ConflictError(run_id, expected_seq, old.seq)
             self._states[run_id] = state
             self._records[run_id].extend(records)
-            self._order.extend(r.hash for r in records)
-            self._index(old, state)
+            self._order.extend([r.hash for r in records])
+            if old.wait is not None or state.wait is not None:  # only waits are indexed
+                self._index(old, state)
 
     def load(self, run_id: str) -> RunState:
         """The run's last committed state."""
