@@ -55,12 +55,16 @@ def records(bench: Any, wakepoint: Any, tmp_path_factory: pytest.TempPathFactory
     test short - most of its time is interpreter start-up and the sleep.
     """
     sizes = bench.harness.Sizes(**SIZES)
+    # Made here, in one thread: pytest's tmp_path_factory is not thread-safe (its first use
+    # in a process clears and creates the base directory, which raced with another thread's
+    # mktemp under xdist: "Directory not empty").
+    scratch = {case.key: tmp_path_factory.mktemp(case.key.replace("/", "-"))
+               for case in bench.harness.CASES}
 
     def one(case: Any) -> dict[str, Any]:
-        scratch = tmp_path_factory.mktemp(case.key.replace("/", "-"))
         return {"round": 1, "system": "wakepoint", "workload": case.workload,
                 "case": case.key, "result": bench.harness.run_case(wakepoint, case, sizes,
-                                                                    scratch)}
+                                                                    scratch[case.key])}
 
     with ThreadPoolExecutor(len(bench.harness.CASES)) as pool:
         return list(pool.map(one, bench.harness.CASES))
