@@ -1205,6 +1205,43 @@ class JsonlStore:
 
     # --- leases --------------------------------------------------------------------------
 
+    @contextmanager
+    def _try_locked(self, run_id: str) -> Iterator[_Run | None]:
+        """The run, locked - or None at once when another thread or process holds it (or
+        its file is gone): the ``SKIP LOCKED`` of ``claim`` and ``take``."""
+        run = self._checkout(run_id)
+        try:
+            if not run.mutex.acquire(blocking=False):
+                yield None
+                return
+            try:
+                try:
+                    locked = self._lock_run(run, blocking=False)
+                except RunNotFound:
+                    locked = False
+                if not locked:
+                    yield None
+                    return
+                try:
+                    yield run
+                finally:
+                    self._unlock_run(run)
+            finally:
+                run.mutex.release()
+        finally:
+            self._checkin(run)
+
+    def _lease_if_free(
+        self, run: _Run, worker: str, lease: timedelta, now: datetime
+    ) -> bool:
+        """Write ``worker``'s lease unless another worker holds an unexpired one; the caller
+        holds the run's lock."""
+        held = self._read_lease(run)
+        if held is not None and held.worker != worker and held.expires > now:
+            return False
+        self._write_lease(run, _Lease(worker=worker, expires=now + lease))
+        return True
+
     def claim(
         self, now: datetime, worker: str, lease: timedelta, limit: int
     ) -> builtins.list[RunState]:
@@ -1220,31 +1257,14 @@ class JsonlStore:
         for candidate in candidates:
             if len(claimed) >= limit:
                 break
-            run = self._checkout(candidate.run_id)
-            try:
-                if not run.mutex.acquire(blocking=False):
+            with self._try_locked(candidate.run_id) as run:
+                if run is None:
                     continue
-                try:
-                    try:
-                        if not self._lock_run(run, blocking=False):
-                            continue
-                    except RunNotFound:  # removed since the listing
-                        continue
-                    try:
-                        state = self._current(run.name, run.run_id)
-                        if state is None or not needs_worker(state, now):
-                            continue
-                        held = self._read_lease(run)
-                        if held is not None and held.worker != worker and held.expires > now:
-                            continue
-                        self._write_lease(run, _Lease(worker=worker, expires=now + lease))
-                        claimed.append(state)
-                    finally:
-                        self._unlock_run(run)
-                finally:
-                    run.mutex.release()
-            finally:
-                self._checkin(run)
+                state = self._current(run.name, run.run_id)
+                if state is None or not needs_worker(state, now):
+                    continue
+                if self._lease_if_free(run, worker, lease, now):
+                    claimed.append(state)
         return claimed
 
     def release(self, run_id: str, worker: str) -> None:
@@ -1298,30 +1318,10 @@ class JsonlStore:
         unexpired lease on it, whatever the run's state; whether it did.  Under the run's
         lock; a run another thread or process is writing right now is not waited for: it
         is refused, as a held lease would be (its writer is alive)."""
-        run = self._checkout(run_id)
-        try:
-            if not run.mutex.acquire(blocking=False):
+        with self._try_locked(run_id) as run:
+            if run is None or self._current(run.name, run.run_id) is None:
                 return False
-            try:
-                try:
-                    if not self._lock_run(run, blocking=False):
-                        return False
-                except RunNotFound:
-                    return False
-                try:
-                    if self._current(run.name, run.run_id) is None:
-                        return False
-                    held = self._read_lease(run)
-                    if held is not None and held.worker != worker and held.expires > now:
-                        return False
-                    self._write_lease(run, _Lease(worker=worker, expires=now + lease))
-                    return True
-                finally:
-                    self._unlock_run(run)
-            finally:
-                run.mutex.release()
-        finally:
-            self._checkin(run)
+            return self._lease_if_free(run, worker, lease, now)
 
     def _read_lease(self, run: _Run) -> _Lease | None:
         try:
