@@ -17,7 +17,8 @@ from nacl.bindings import crypto_sign_open
 from nacl.exceptions import BadSignatureError
 
 
-def _load_detached() -> Callable[[bytes, bytes, bytes], bool] | None:
+def _load_raw() -> Callable[..., int] | None:
+    """libsodium's ``crypto_sign_ed25519_verify_detached`` (no copy of the message)."""
     try:
         # PyNaCl's bundled libsodium; private, hence looked up by name and guarded.
         sodium = importlib.import_module("nacl._sodium")
@@ -26,6 +27,16 @@ def _load_detached() -> Callable[[bytes, bytes, bytes], bool] | None:
         return None
     fn.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulonglong, ctypes.c_char_p]
     fn.restype = ctypes.c_int
+    return fn
+
+
+_raw_verify = _load_raw()
+
+
+def _load_detached() -> Callable[[bytes, bytes, bytes], bool] | None:
+    fn = _raw_verify
+    if fn is None:  # pragma: no cover - depends on the wheel
+        return None
 
     def verify(sig: bytes, msg: bytes, public: bytes) -> bool:
         # Lengths are checked here because C reads 64 and 32 bytes whatever it is given.
@@ -46,20 +57,6 @@ def _verify_open(sig: bytes, msg: bytes, public: bytes) -> bool:
 
 ed25519_verify: Callable[[bytes, bytes, bytes], bool] = _load_detached() or _verify_open
 """``ed25519_verify(sig, message, public) -> bool`` through the cheapest binding available."""
-
-
-def _load_raw() -> Callable[..., int] | None:
-    try:
-        sodium = importlib.import_module("nacl._sodium")
-        fn = ctypes.CDLL(sodium.__file__).crypto_sign_ed25519_verify_detached
-    except (ImportError, OSError, AttributeError):  # pragma: no cover - depends on the wheel
-        return None
-    fn.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulonglong, ctypes.c_char_p]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_raw_verify = _load_raw()
 
 
 def verify_all(sigs: Sequence[bytes], messages: Sequence[bytes],
