@@ -32,7 +32,7 @@ Choices, and why:
   found by reading backwards from the end: replay is bounded by one line whatever the run's
   length.  The price is disk space; a delta format with periodic snapshots can come later
   behind a new field (old lines stay readable).
-* **Locking.**  Writers (``create``, ``commit``, ``claim``, ``release``) take the run's file
+* **Locking.**  Writers (``create``, ``commit``, and the lease calls) take the run's file
   lock for the inter-process part and a per-run ``threading.RLock`` for the in-process part;
   readers take no lock.  The run's file lock is an exclusive ``flock(2)`` on the run file
   itself, through the append fd the store keeps open anyway.  Until this version it was a
@@ -54,10 +54,9 @@ Choices, and why:
   for a run another worker is writing: it skips it, as ``FOR UPDATE SKIP LOCKED`` would.  Open
   append fds live in a bounded LRU (``max_open``); an fd in use is never evicted.
 * **Durability.**  ``sync``: fsync after each commit (and of ``runs/`` after a new file).
-  ``batch`` (default): group commit.  Each commit checks whether ``batch_commits`` commits
-  are pending or ``batch_ms`` has passed since the first one; the fsync itself runs on a
-  daemon flusher thread (woken then, or ``batch_ms`` after the first pending commit), so a
-  committer never waits for the disk unless the flusher falls ``_BACKLOG`` batches behind.
+  ``batch`` (default): group commit.  A daemon flusher thread syncs ``batch_ms`` after the
+  first pending commit, or at once when a commit finds ``batch_commits`` commits pending, so
+  a committer never waits for the disk unless the flusher falls ``_BACKLOG`` batches behind.
   A crash loses at most the commits of the current window (about ``batch_ms`` plus one
   fsync).  A batch touches about one file per run, and an ``fsync`` per file cost ~90 us of
   CPU and ~250 us of wall here (one journal commit each); so on Linux a batch of at least
