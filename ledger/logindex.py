@@ -27,7 +27,7 @@ import msgspec
 
 from .checkpoint import Checkpoint, origin_of, sign_checkpoint
 from .keys import Signer
-from .merkle import root
+from .merkle import Frontier, root
 
 INDEX_FILE = "index.jsonl"
 
@@ -85,6 +85,13 @@ def read_leaves(store_dir: str | os.PathLike[str]) -> list[bytes]:
 def make_checkpoint(log_id: str, leaves: Sequence[bytes], signer: Signer) -> str:
     """A signed checkpoint note of ``leaves`` (the whole ledger so far)."""
     return sign_checkpoint(Checkpoint(origin_of(log_id), len(leaves), root(leaves)), signer)
+
+
+def sign_frontier(log_id: str, frontier: Frontier, signer: Signer) -> str:
+    """A signed checkpoint note of the leaves folded into ``frontier`` (what every store's
+    incremental ``checkpoint`` signs)."""
+    return sign_checkpoint(Checkpoint(origin_of(log_id), frontier.size, frontier.root()),
+                           signer)
 
 
 def append_checkpoint(store_dir: str | os.PathLike[str], log_id: str, signer: Signer) -> str:

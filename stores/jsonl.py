@@ -132,9 +132,9 @@ import msgspec
 from ..kernel.codec import encode_state
 from ..kernel.errors import ConflictError, CorruptStore, RunExists, RunNotFound
 from ..kernel.types import RunState, Status
-from ..ledger.checkpoint import Checkpoint, origin_of, parse_checkpoint, sign_checkpoint
+from ..ledger.checkpoint import parse_checkpoint
 from ..ledger.keys import Signer
-from ..ledger.logindex import INDEX_FILE, CheckpointLine, LeafLine
+from ..ledger.logindex import INDEX_FILE, CheckpointLine, LeafLine, leaf_line, sign_frontier
 from ..ledger.merkle import Frontier
 from ..ledger.records import Envelope, Record, from_envelope
 from .base import DURABILITIES, Durability, StoreError, check_append, matches, needs_worker
@@ -309,12 +309,14 @@ def _line_number(fd: int, offset: int) -> int:
     return count + 1
 
 
-def _leaf_line(run_id: str, records: Sequence[Record]) -> bytes:
-    """The ``index.jsonl`` line of one commit: the bytes ``logindex.leaf_line`` encodes,
-    built directly (one per commit, on the hot path)."""
-    return b'{"run_id":%s,"seq":%d,"hashes":["%s"]}\n' % (
-        _encoder.encode(run_id), records[0].seq, '","'.join(r.hash for r in records).encode()
-    )
+def _write_new(path: str | os.PathLike[str], data: bytes) -> None:
+    """Create ``path`` (``FileExistsError`` if it exists), write ``data`` and fsync it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _encode_line(state: RunState, records: Sequence[Record]) -> bytes:
@@ -448,12 +450,7 @@ class JsonlStore:
         if not target.exists():
             tmp = self.path / f".log.json.{os.getpid()}.{uuid.uuid4().hex}.tmp"
             data = _encoder.encode(_LogFile(log_id=wanted or f"jsonl-{uuid.uuid4().hex}"))
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            try:
-                os.write(fd, data + b"\n")
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _write_new(tmp, data + b"\n")
             try:
                 # link() fails if the name exists, so the first creator wins and every
                 # process then reads the same complete file (never a half-written one).
@@ -465,13 +462,7 @@ class JsonlStore:
                 # create still lets one creator win; its single small write is all or nothing
                 # in practice.
                 with suppress(FileExistsError):
-                    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                                 0o644)
-                    try:
-                        os.write(fd, data + b"\n")
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
+                    _write_new(target, data + b"\n")
             finally:
                 tmp.unlink()
             self._fsync_dir(str(self.path))
@@ -801,8 +792,7 @@ class JsonlStore:
         On failure the hashes are dropped and ``_indexed`` is not advanced, so the run's
         next writer (or ``repair_index``) lists them from the run file."""
         hashes, run.leaves = run.leaves, []
-        self._write_index(b'{"run_id":%s,"seq":%d,"hashes":["%s"]}\n' % (
-            _encoder.encode(run.run_id), run.leaf_seq, '","'.join(hashes).encode()))
+        self._write_index(leaf_line(run.run_id, run.leaf_seq, hashes))
         self._indexed[run.name] = run.leaf_seq + len(hashes) - 1
 
     def _ensure_indexed(self, run: _Run, seq: int) -> None:
@@ -820,7 +810,7 @@ class JsonlStore:
         for records in self._lines_of(run):
             fresh = [r for r in records if r.seq > known]
             if fresh:
-                missing.append(_leaf_line(run.run_id, fresh))
+                missing.append(leaf_line(run.run_id, fresh[0].seq, [r.hash for r in fresh]))
         if missing:
             self._write_index(b"".join(missing))
             self._log_repair(run.run_id, known, seq)
@@ -882,9 +872,7 @@ class JsonlStore:
                 if self._cp_last is not None and self._cp_last[0] == size:
                     return self._cp_last[1]
                 self.flush()
-                note = sign_checkpoint(
-                    Checkpoint(origin_of(self.log_id), size, self._frontier.root()), signer
-                )
+                note = sign_frontier(self.log_id, self._frontier, signer)
                 self._write_index(_encoder.encode(CheckpointLine(note)) + b"\n")
                 self._cp_last = (size, note)
                 return note

@@ -17,8 +17,8 @@ from datetime import datetime, timedelta
 
 from ..kernel.errors import ConflictError, RunExists, RunNotFound
 from ..kernel.types import RunState, Status
-from ..ledger.checkpoint import Checkpoint, origin_of, sign_checkpoint
 from ..ledger.keys import Signer
+from ..ledger.logindex import sign_frontier
 from ..ledger.merkle import Frontier
 from ..ledger.records import Record
 from .base import check_append, matches, needs_worker, no_hold
@@ -169,9 +169,7 @@ class MemoryStore:
             frontier.extend([bytes.fromhex(h) for h in self._order[frontier.size:]])
             if self._checkpoints and self._checkpoints[-1][0] == frontier.size:
                 return self._checkpoints[-1][1]
-            note = sign_checkpoint(
-                Checkpoint(origin_of(self.log_id), frontier.size, frontier.root()), signer
-            )
+            note = sign_frontier(self.log_id, frontier, signer)
             self._checkpoints.append((frontier.size, note))
             return note
 

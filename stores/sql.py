@@ -78,8 +78,8 @@ from sqlalchemy.sql.elements import ColumnClause
 from ..kernel.codec import decode_state, encode_state
 from ..kernel.errors import ConflictError, CorruptStore, RunExists, RunNotFound
 from ..kernel.types import RunState, Status
-from ..ledger.checkpoint import Checkpoint, origin_of, sign_checkpoint
 from ..ledger.keys import Signer
+from ..ledger.logindex import sign_frontier
 from ..ledger.merkle import Frontier
 from ..ledger.records import Record, Signature
 from .base import Durability, StoreError, check_append, no_hold
@@ -874,8 +874,7 @@ class SqlStore:
             existing = self._query(self._sql.checkpoint_at, {"b_size": size})
             if existing:
                 return str(existing[0][0])
-            note = sign_checkpoint(Checkpoint(origin_of(self.log_id), size, frontier.root()),
-                                   signer)
+            note = sign_frontier(self.log_id, frontier, signer)
             with self._transaction() as cursor:
                 cursor.execute(self._sql.store_checkpoint, {
                     "b_size": size, "b_checkpoint": note,
