@@ -27,6 +27,7 @@ import faulthandler
 import json
 import logging
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -70,6 +71,17 @@ def expected_trace() -> list[tuple[str, str | None]]:
     trace.append(("run.completed", node_name(NODES - 1)))
     trace.append(("run.sealed", None))  # a finished run's chain ends with its seal
     return trace
+
+
+def expect_line(proc: subprocess.Popen[str], word: str) -> None:
+    """For the tests driving this script: read its next stdout line, which must be ``word``
+    (``ready`` / ``done``); otherwise kill it and fail with its stderr."""
+    assert proc.stdout is not None
+    line = proc.stdout.readline().strip()
+    if line != word:
+        proc.kill()
+        _, err = proc.communicate(timeout=30)
+        raise AssertionError(f"worker said {line!r}, expected {word!r}; stderr:\n{err}")
 
 
 def run_ids(round_no: int, runs: int) -> list[str]:

@@ -69,15 +69,6 @@ def _spawn(root: Path, round_no: int, *extra: str) -> subprocess.Popen[str]:
     )
 
 
-def _expect_line(proc: subprocess.Popen[str], word: str) -> None:
-    assert proc.stdout is not None
-    line = proc.stdout.readline().strip()
-    if line != word:
-        proc.kill()
-        _, err = proc.communicate(timeout=30)
-        raise AssertionError(f"worker said {line!r}, expected {word!r}; stderr:\n{err}")
-
-
 def _kill(proc: subprocess.Popen[str]) -> int:
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=30)
@@ -141,9 +132,9 @@ def _calibrate(base: Path) -> tuple[float, float]:
     root = base / "calibration"
     t0 = time.monotonic()
     proc = _spawn(root, 999, "--linger")
-    _expect_line(proc, "ready")
+    worker.expect_line(proc, "ready")
     t1 = time.monotonic()
-    _expect_line(proc, "done")
+    worker.expect_line(proc, "done")
     t2 = time.monotonic()
     proc.communicate(input="", timeout=30)  # closing stdin ends the lingering worker
     assert proc.returncode == 0
@@ -172,11 +163,11 @@ def test_sigkill_at_random_moments_then_recover(tmp_path: Path) -> None:
         if moment == "startup":
             time.sleep(rng.uniform(0, startup))
         else:
-            _expect_line(proc, "ready")
+            worker.expect_line(proc, "ready")
             if moment == "working":
                 time.sleep(rng.uniform(0, window))
             else:
-                _expect_line(proc, "done")
+                worker.expect_line(proc, "done")
         assert _kill(proc) == -signal.SIGKILL
 
         report = _recover(root, round_no)

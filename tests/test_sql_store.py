@@ -718,15 +718,6 @@ def _spawn(url: str, root: Path, round_no: int, *extra: str) -> subprocess.Popen
     )
 
 
-def _line(proc: subprocess.Popen[str], word: str) -> None:
-    assert proc.stdout is not None
-    line = proc.stdout.readline().strip()
-    if line != word:
-        proc.kill()
-        _, err = proc.communicate(timeout=30)
-        raise AssertionError(f"worker said {line!r}, expected {word!r}; stderr:\n{err}")
-
-
 def _recover(url: str, root: Path, round_no: int) -> dict[str, Any]:
     proc = _spawn(url, root, round_no, "--recover")
     out, err = proc.communicate(timeout=120)
@@ -767,9 +758,9 @@ def _calibrate(url: str, root: Path) -> tuple[float, float]:
     root.mkdir()
     t0 = time.monotonic()
     proc = _spawn(url, root, 999, "--linger")
-    _line(proc, "ready")
+    crash_worker.expect_line(proc, "ready")
     t1 = time.monotonic()
-    _line(proc, "done")
+    crash_worker.expect_line(proc, "done")
     t2 = time.monotonic()
     proc.communicate(input="", timeout=30)
     assert proc.returncode == 0
@@ -795,11 +786,11 @@ def test_sigkill_at_random_moments_then_recover(url: str, tmp_path: Path) -> Non
         if moment == "startup":
             time.sleep(rng.uniform(0, startup))
         else:
-            _line(proc, "ready")
+            crash_worker.expect_line(proc, "ready")
             if moment == "working":
                 time.sleep(rng.uniform(0, working * 1.1))
             else:
-                _line(proc, "done")
+                crash_worker.expect_line(proc, "done")
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=30)
         report = _recover(url, root, round_no)
