@@ -93,7 +93,8 @@ def start(
 def tick(wf: Workflow, state: RunState, now: datetime) -> Transition:
     """Run exactly one node of a RUNNING run and apply the step it returns."""
     allowed = check(state.run_id, state.status, "tick")
-    state = _current_logic(wf, state)
+    if state.version != wf.logic_id or state.workflow != wf.id:  # the common case skips a call
+        state = _current_logic(wf, state)
     node: str = state.node  # type: ignore[assignment]  # RUNNING runs always have a node
     fn = wf.nodes.get(node)
     if fn is None:
@@ -219,10 +220,13 @@ def _migration_for(wf: Workflow, state: RunState) -> Migration | None:
 
 
 def _current_logic(wf: Workflow, state: RunState) -> RunState:
-    """The state under ``wf``'s current logic id, migrated if a migration is registered."""
+    """``state`` (of other logic than ``wf``'s) migrated to ``wf``'s current logic id.
+
+    Raises ``UnknownWorkflow`` or ``VersionMismatch`` when it cannot be; ``tick`` calls it only
+    when the workflow or the logic id differs, so a migration is always found or refused.
+    """
     migrate = _migration_for(wf, state)
-    if migrate is None:
-        return state
+    assert migrate is not None  # the logic ids differ, so "no migration needed" is impossible
     node, new_vars = migrate(state.node, dict(state.vars))
     return _replace(state, node=node, vars=new_vars, version=wf.logic_id)
 

@@ -28,6 +28,8 @@ from datetime import datetime
 from types import MappingProxyType
 from typing import Any, TypeAlias, overload
 
+import msgspec
+
 from .errors import WorkflowDefinitionError
 from .types import Step
 
@@ -39,33 +41,22 @@ after it resumes, times out or is rejected).
 """
 
 
-class RunView:
+class RunView(msgspec.Struct, frozen=True, kw_only=True):
     """The read-only view of a run that a node receives.
 
     ``vars`` is a read-only mapping: a node changes vars only through the step it returns,
-    which keeps every change inside one recorded transition.
+    which keeps every change inside one recorded transition.  The view itself is frozen.
+    (A msgspec struct: one is built per node run, and it builds in a fraction of the time of a
+    plain class with ``__init__``.)
     """
 
-    __slots__ = ("input", "node", "now", "run_id", "step", "vars", "workflow")
-
-    def __init__(
-        self,
-        *,
-        run_id: str,
-        workflow: str,
-        node: str,
-        input: Any,
-        vars: Mapping[str, Any],
-        now: datetime,
-        step: int,
-    ) -> None:
-        self.run_id = run_id
-        self.workflow = workflow
-        self.node = node
-        self.input = input
-        self.vars = vars
-        self.now = now
-        self.step = step
+    run_id: str
+    workflow: str
+    node: str
+    input: Any
+    vars: Mapping[str, Any]
+    now: datetime
+    step: int
 
     def __repr__(self) -> str:
         return f"RunView(run_id={self.run_id!r}, node={self.node!r}, step={self.step})"

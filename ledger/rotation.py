@@ -24,13 +24,21 @@ import msgspec
 from ..kernel.codec import digest, encode_state
 from ..kernel.types import RunState
 from .keys import Signer
-from .records import BODY_VERSION, Body, Record, Signature, genesis, pae, record_hash
+from .records import (
+    BODY_VERSION,
+    Body,
+    Record,
+    Signature,
+    encode_body,
+    genesis,
+    pae,
+    record_hash,
+)
 
 ROTATED = "key.rotated"
 SEALED = "run.sealed"
 FINISHED = frozenset({"run.completed", "run.failed", "run.cancelled"})
 
-_encoder = msgspec.json.Encoder(order="sorted")  # the canonical body form of ``records``
 
 
 def _sign(
@@ -38,7 +46,7 @@ def _sign(
     ts: datetime, key: str | None,
 ) -> tuple[RunState, Record]:
     seq = state.seq + 1
-    body = _encoder.encode(Body(
+    body = encode_body(Body(
         v=BODY_VERSION, log_id=log_id, run_id=state.run_id, seq=seq,
         prev=state.head or genesis(log_id, state.run_id), kind=kind, ts=ts,
         key_id=signer.key_id, key=key,
