@@ -138,12 +138,18 @@ class Worker:
         self._inflight: dict[str, tuple[datetime, bool]] = {}
         self._lost: set[str] = set()  # claimed runs whose renewal was refused
         self._reported: datetime | None = None  # earliest deadline on_due told since arming
+        self._soon = False  # a deadline already due was reported: claim soon
+        # Until when the last look at the store for the next deadline holds (see _arm).
+        self._looked_until = datetime.min.replace(tzinfo=UTC)
         self._alarm = Alarm(self._wake.set)
         self._schedules: list[Schedule] = []
         self._next_tick: list[datetime] = []
         self._next_sweep: datetime | None = None
         self._renew_fn: Callable[[str, str, timedelta, datetime], bool] | None = getattr(
             runtime.store, "renew", None)
+        # A store whose commit of a finished run ends its lease (the SQL store) needs no
+        # ``release`` after a drive that finished the run.
+        self._releases_finished = bool(getattr(runtime.store, "releases_finished", False))
         self._next_renewal = datetime.max.replace(tzinfo=UTC)
         self._pool: ThreadPoolExecutor | None = None
 
@@ -250,6 +256,14 @@ class Worker:
             self._arm(now)
             self._wake.wait()
             self._wake.clear()
+            if self._soon:
+                # A deadline already due was reported: claim after COALESCE, or sooner when
+                # a pool thread frees up (that claim round sees it too).  Cleared after the
+                # pause, so that every report before the clear is seen by the claim below
+                # (reports come after their commit); a later one sets flag and event again.
+                if self._wake.wait(COALESCE.total_seconds()):
+                    self._wake.clear()
+                self._soon = False
 
     def _checkpoint_if_due(self) -> None:
         # Before the loop sleeps: records this process committed after the runtime's last
@@ -327,6 +341,7 @@ class Worker:
         """Drive one claimed (or orphaned) run in a pool thread, then give its lease back."""
         run_id = state.run_id
         log = self._log.bind(run_id=run_id, workflow=state.workflow)
+        finished = False
         try:
             if redispatch:
                 event = "orphan.redispatch"
@@ -338,7 +353,7 @@ class Worker:
                 event = "wake"
                 self.stats["wake"] += 1
             log.info(event, node=state.node, step=state.step)
-            self.runtime.recover_run(run_id, redispatch=redispatch)
+            finished = self.runtime.recover_run(run_id, redispatch=redispatch).status.finished
         except Exception as exc:  # a store failure or a bug: log it, keep the worker alive
             log.exception("run.failed", error=str(exc))
         finally:
@@ -350,7 +365,7 @@ class Worker:
             if expires is not None and self.runtime.clock() > expires:
                 self.stats["lease.lost"] += 1
                 log.warning("lease.lost", lease=self.lease.total_seconds())
-            if leased:
+            if leased and not (finished and self._releases_finished):
                 self._release(run_id)
             self._wake.set()  # a thread is free
 
@@ -378,9 +393,17 @@ class Worker:
 
     def _due(self, deadline: datetime) -> None:
         """A commit (in this process, or announced by the store) created ``deadline``."""
-        # A deadline that is already due (``wait_until`` of now: its drive resolves it at
-        # once, right after this call) rings no sooner than COALESCE from now, so that a
-        # stream of them costs one alarm and one claim round per COALESCE, not one each.
+        if deadline <= datetime.now(UTC):
+            # Due already (``wait_until`` of now: its drive resolves it at once, right after
+            # this call): the loop claims within COALESCE (see ``_loop``), so that a stream
+            # of them costs one claim round per COALESCE, not one each - and no alarm:
+            # re-arming APScheduler costs about 0.3 ms of CPU, and a busy worker on timers
+            # due at once re-armed it twice per round (a tenth of its CPU).
+            if not self._soon:
+                self._soon = True
+                self._wake.set()
+            return
+        # A deadline just ahead rings no sooner than COALESCE from now (coalescing as above).
         deadline = max(deadline, datetime.now(UTC) + COALESCE)
         # Recorded before re-arming, so that an _arm() racing with us sees it (see _arm).
         reported = self._reported
@@ -391,21 +414,32 @@ class Worker:
     def _arm(self, now: datetime) -> None:
         """Arm the alarm for the next moment worth waking up for."""
         self._reported = None
-        at = now + self.poll
-        # An overdue wait we did not get is leased by another worker: its holder drives it,
-        # and the poll looks again in case that worker died.  So: the next deadline after now.
-        next_deadline = getattr(self.runtime.store, "next_deadline", None)
-        if next_deadline is not None:
-            deadline = next_deadline(now)
-            if deadline is not None and deadline < at:
-                at = deadline
+        armed = self._alarm.armed_for
+        if armed is not None and now < armed <= self._looked_until:
+            # The alarm still rings before the next deadline the store held when we last
+            # looked, and no later than that look's poll: every deadline committed since
+            # was reported (``on_due`` here, ``watch_due`` from other processes) and moved
+            # the alarm earlier, or is the poll's to find.  So the store is not asked again
+            # after every claim round (a statement per round for a busy worker), only once
+            # the alarm rang or the poll is due.
+            at = armed
         else:
-            for state in self.runtime.store.list(
-                status=Status.WAITING, due_before=at, limit=_HORIZON_LIMIT
-            ):
-                deadline = state.wait.deadline if state.wait is not None else None
-                if deadline is not None and now < deadline < at:
+            at = self._looked_until = now + self.poll
+            # An overdue wait we did not get is leased by another worker: its holder drives
+            # it, and the poll looks again in case that worker died.  So: the next deadline
+            # after now.
+            next_deadline = getattr(self.runtime.store, "next_deadline", None)
+            if next_deadline is not None:
+                deadline = next_deadline(now)
+                if deadline is not None and deadline < at:
                     at = deadline
+            else:
+                for state in self.runtime.store.list(
+                    status=Status.WAITING, due_before=at, limit=_HORIZON_LIMIT
+                ):
+                    deadline = state.wait.deadline if state.wait is not None else None
+                    if deadline is not None and now < deadline < at:
+                        at = deadline
         at = min([at, *self._next_tick])
         if self._renewing:
             at = min(at, self._next_renewal)

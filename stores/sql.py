@@ -33,6 +33,8 @@ Promises (the contract of ``stores.base``, checked by ``stores.conformance``):
   state``.  PostgreSQL skips rows another claimer has locked; SQLite (which renders no
   ``FOR UPDATE``) runs it inside ``BEGIN IMMEDIATE``, i.e. alone.  Which of more than
   ``limit`` candidates are taken is not specified; the result is sorted oldest first.
+  The commit that finishes a run clears its lease in the same ``UPDATE``
+  (``releases_finished``): a worker that drove a run to its end skips ``release``.
 * Opening checks the database before writing anything: an empty database, someone else's,
   or one at a schema newer than the code is a ``StoreError`` that says what to do
   (``upgrade=True`` runs the migrations for the first and for an older schema).
@@ -204,12 +206,18 @@ class _Statements:
             .where(r.run_id == b("b_run_id"), r.seq == b("b_expected"))
             .values(state=b("b_state"), seq=b("b_seq"), updated_at=b("b_updated_at"))
         )
-        self.create, self.update, self.update_state = map(self._sql, (create, full, state_only))
+        # A commit that finishes the run also ends its lease (see ``releases_finished``).
+        finish = full.values(lease_owner=null(), lease_expires=null())
+        self.create, self.update, self.update_state, self.finish = map(
+            self._sql, (create, full, state_only, finish))
+        self.heads = {"update": self.update, "state": self.update_state, "finish": self.finish}
+        """SQLite: a commit's write of the run's row, by kind (see ``SqlStore.commit``)."""
         # PostgreSQL: each write is ONE statement (see "PostgreSQL writes" in the header):
         # the run's write, to which ``pg_write`` appends the records' part.
         self._pg_heads = {
             name: self._sql(stmt.returning(r.run_id))
-            for name, stmt in (("create", create), ("update", full), ("state", state_only))
+            for name, stmt in (("create", create), ("update", full), ("state", state_only),
+                               ("finish", finish))
         }
         self._pg_writes: dict[tuple[str, int], str] = {}
         # SQLite's record insert (PostgreSQL's is inside the statements above).  NULL into
@@ -382,6 +390,11 @@ class SqlStore:
     The store may be shared by the threads of one process (each uses its own connection);
     any number of processes may open the same database.
     """
+
+    releases_finished = True
+    """A commit that finishes a run (completed, failed, cancelled) also ends any lease on it,
+    in the same statement: a worker need not ``release`` a run it drove to its end (one
+    statement less per run)."""
 
     def __init__(
         self, url: str | URL, *, durability: Durability = "batch", upgrade: bool = False
@@ -610,14 +623,17 @@ class SqlStore:
         params = _columns(state, indexed)
         params["b_run_id"] = run_id
         params["b_expected"] = expected_seq
-        same = self._written.get(run_id) == (expected_seq, indexed)
+        if state.status.finished:
+            head = "finish"
+        else:
+            head = "state" if self._written.get(run_id) == (expected_seq, indexed) else "update"
         if self._pg:
-            if not self._write_pg("state" if same else "update", params, records):
+            if not self._write_pg(head, params, records):
                 self._refuse(run_id, expected_seq, self._cursor())
         else:
             cursor = self._begin()
             try:
-                cursor.execute(self._sql.update_state if same else self._sql.update, params)
+                cursor.execute(self._sql.heads[head], params)
                 if cursor.rowcount != 1:
                     self._refuse(run_id, expected_seq, cursor)
                 self._append(cursor, records)

@@ -33,6 +33,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from types import ModuleType
 from typing import Any, ClassVar
@@ -52,6 +53,7 @@ from wakepoint.migrations import HEAD, revisions, upgrade
 from wakepoint.stores import Store, StoreError, open_store
 from wakepoint.stores.conformance import (
     COUNTER,
+    LINEAR,
     QUERY_CHECKS,
     Harness,
     StoreMachine,
@@ -205,6 +207,40 @@ def test_processes_race_to_claim(url: str) -> None:
     SqlStore(url, upgrade=True).close()
     claimed = race_claims(functools.partial(SqlStore, url), processes=4, runs=40)
     assert sum(len(ids) for ids in claimed.values()) == 40
+
+
+def _leases(url: str) -> dict[str, tuple[Any, Any]]:
+    engine = _engine(url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.exec_driver_sql(
+                "SELECT run_id, lease_owner, lease_expires FROM wp_runs").all()
+    finally:
+        engine.dispose()
+    return {str(r): (owner, expires) for r, owner, expires in rows}
+
+
+def test_the_commit_that_finishes_a_run_ends_its_lease(url: str) -> None:
+    """``releases_finished``: the commit of a COMPLETED state clears the run's lease in the
+    same statement (a worker skips ``release`` after such a drive); commits before it keep
+    the lease, and a run that is not finished keeps its lease until released."""
+    store = SqlStore(url, upgrade=True)
+    try:
+        assert store.releases_finished is True
+        h = Harness(store)
+        inp = {"key": "evt:k0", "data": None, "boom": False}
+        h.start(LINEAR, "done", inp)
+        h.start(LINEAR, "open", inp)
+        lease = timedelta(minutes=5)
+        assert sorted(s.run_id for s in store.claim(h.now, "w1", lease, 10)) == ["done", "open"]
+        h.tick("done")  # one step: still RUNNING, still leased
+        assert _leases(url)["done"][0] == "w1"
+        assert h.drive("done").status is Status.COMPLETED
+        leases = _leases(url)
+        assert leases["done"] == (None, None)
+        assert leases["open"][0] == "w1" and leases["open"][1] is not None
+    finally:
+        store.close()
 
 
 # --- what the SQL store adds ------------------------------------------------------------------

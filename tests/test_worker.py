@@ -477,3 +477,94 @@ def test_an_idle_worker_covers_the_last_records_with_a_checkpoint(
     assert covered() == len(rt.ledger("first"))
     _run(Worker(rt, concurrency=1, poll=0.1), workers)
     _wait_for(lambda: covered() == total, timeout=5)
+
+
+hops_wf = Workflow("hops")
+
+
+@hops_wf.node(start=True)
+def hop(run: RunView) -> Any:
+    # Five timers due at once (each resolved by the drive that commits it), then done.
+    n = run.vars.get("n", 0)
+    if n == 5:
+        return done(n)
+    return wait_until(0, then="count")
+
+
+@hops_wf.node
+def count(run: RunView) -> Any:
+    from wakepoint import goto
+
+    return goto("hop", set={"n": run.vars.get("n", 0) + 1})
+
+
+def test_a_busy_worker_spares_the_store_and_the_alarm(
+    tmp_path: Path, workers: list[Worker]
+) -> None:
+    """Driving runs whose timers are due at once: the worker asks the store for the next
+    deadline only when its alarm rang or the poll is due (not after every claim round),
+    never re-arms the alarm for a deadline already due, and sends no ``release`` for a run
+    it drove to its end (the SQL store's finishing commit ended the lease)."""
+    from wakepoint.stores.sql import SqlStore
+
+    store = SqlStore(f"sqlite:///{tmp_path / 'wp.db'}", upgrade=True)
+    rt = Runtime(store, [hops_wf], home=tmp_path / "home")
+    calls: dict[str, int] = {"next_deadline": 0, "release": 0, "arm": 0}
+    real_next, real_release = store.next_deadline, store.release
+
+    def next_deadline(after: datetime) -> datetime | None:
+        calls["next_deadline"] += 1
+        return real_next(after)
+
+    def release(run_id: str, worker: str) -> None:
+        calls["release"] += 1
+        real_release(run_id, worker)
+
+    store.next_deadline = next_deadline  # type: ignore[method-assign]
+    store.release = release  # type: ignore[method-assign]
+    for i in range(30):
+        _create_running(rt, hops_wf, f"h{i}", None)
+    worker = Worker(rt, concurrency=2, poll=30)
+    real_set = worker._alarm._set
+
+    def counted_set(at: datetime) -> None:
+        calls["arm"] += 1
+        real_set(at)
+
+    worker._alarm._set = counted_set  # type: ignore[method-assign]
+    _run(worker, workers)
+    _wait_for(lambda: len(rt.list(status=Status.COMPLETED)) == 30)
+    assert worker.stats["resume"] == 30
+    assert calls["release"] == 0
+    assert calls["next_deadline"] <= 3, calls  # at start-up (and a round racing it)
+    assert calls["arm"] <= 3, calls  # for the poll
+
+
+def test_a_deadline_already_due_from_a_client_thread_is_claimed_at_once(
+    workers: list[Worker],
+) -> None:
+    """A client thread of the worker's process commits a wait whose deadline has passed
+    (the drive parks it: no one resolves it in that drive): the worker fires it within a
+    few COALESCE periods, not at the 30 s poll."""
+    from wakepoint import wait_event
+
+    late_wf = Workflow("late-event")
+
+    @late_wf.node(start=True)
+    def park(run: RunView) -> Any:
+        return wait_event("never", into="got", then="after",
+                          deadline=run.now - timedelta(seconds=1), on_timeout="after")
+
+    @late_wf.node
+    def after(run: RunView) -> Any:
+        return done(run.vars["got"])
+
+    rt = Runtime("memory:", [late_wf])
+    worker = _run(Worker(rt, concurrency=1, poll=30), workers)
+    time.sleep(0.1)  # armed for the poll, asleep
+    began = time.monotonic()
+    rt.start(late_wf, None, run_id="late")
+    _wait_for(lambda: rt.get("late").status is Status.COMPLETED, timeout=5)
+    assert time.monotonic() - began < 1.0
+    assert rt.get("late").output == {"timed_out": True}
+    assert worker.stats["wake"] == 1
