@@ -72,20 +72,27 @@ Choices, and why:
   ``close``.
 * **Global order.**  Run files say nothing about the order of records across runs, which
   checkpoints and key validity need; ``index.jsonl`` (created with the store) does.  A commit's
-  records are listed there after its run line is written and while the run's lock is still
-  held, with one ``write`` on a shared ``O_APPEND`` fd (whole lines never interleave, between
-  threads or processes), so the index lists a record only once it is stored, and a run's
-  records in seq order.  Consecutive commits of a run that keeps RUNNING share one index line,
-  written when it stops running (waits, dispatches an effect, ends) or its lock is released:
-  one index write per drive instead of one per node, and the index never lags a run that is
-  blocked.  A writer that dies before writing that line leaves those commits unindexed: the
-  next writer of the run finds out (its knowledge of what is indexed does not match the run's
-  last seq, so it scans the index lines written since it last looked) and lists them before its
-  own, and ``repair_index()`` (run by ``Runtime.recover()``) does it for every run.  The index
-  is made durable with the run files (same group commit).  Checkpoints (``checkpoint(signer)``)
-  fold the index incrementally into a Merkle frontier; see there.  Limit: a power loss in
-  ``batch`` mode may keep an index line whose run line it lost; the verifier then reports that
-  commit as missing from its run.
+  records are listed there with one ``write`` on a shared ``O_APPEND`` fd (whole lines never
+  interleave, between threads or processes), under the run's lock, and only once they are
+  *durable*: so the index never lists a record that a crash or a power loss could take back,
+  and lists a run's records in seq order.  Consecutive commits of a run that keeps RUNNING
+  share one index line, complete when the run stops running (waits, dispatches an effect,
+  ends) or its lock is released: one index write per drive instead of one per node.  In
+  ``sync`` mode the records are durable when committed and the line is written at once (so
+  is it in ``none`` mode, which promises nothing on power loss).  In ``batch`` mode the line
+  waits for the group commit: the flusher makes the batch's run files durable, then takes
+  each waiting run's lock and writes its line (a run busy in this process or locked by
+  another is retried at the next flush; a writer of another process that takes the run over
+  lists them itself, see below), so the index lags the run files by about one batch window.
+  Before this rule (written at once), a power loss in ``batch`` mode could keep an index line
+  whose run line it lost, and the verifier then reported the ledger as damaged.  A process
+  that dies before writing a line leaves those commits unindexed: the next writer of the run
+  finds out (its knowledge of what is indexed does not match the run's last seq, so it scans
+  the index lines written since it last looked), fsyncs the run file and lists them before
+  its own, and ``repair_index()`` (run by ``Runtime.recover()``) does it for every run.  A
+  store still open at interpreter exit is closed then, which writes its waiting lines.
+  Checkpoints (``checkpoint(signer)``) write the waiting lines first and fold the index
+  incrementally into a Merkle frontier; see there.
 * **Torn last line.**  A crash mid-write leaves a last line without ``\\n``.  Readers ignore
   it; the next writer, under the lock, truncates the file back to the last ``\\n`` before it
   appends, so its line never glues onto the garbage.  A file with no complete line at all is
@@ -107,6 +114,7 @@ Linux.
 
 from __future__ import annotations
 
+import atexit
 import builtins
 import ctypes
 import fcntl
@@ -116,6 +124,7 @@ import sys
 import threading
 import time
 import uuid
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, suppress
@@ -153,6 +162,17 @@ _INDEX_KEY = ""
 """The index's key among the dirty files (keyed by run id; no run id is empty)."""
 _SYNCFS_MIN = 4
 """Dirty files in one batch from which one ``syncfs`` replaces a ``fsync`` per file."""
+
+_LIVE: weakref.WeakSet[JsonlStore] = weakref.WeakSet()
+"""Open stores, closed at interpreter exit: their index lines waiting for a group commit are
+written then (a store nobody closes would otherwise leave them to the next ``recover``)."""
+
+
+@atexit.register
+def _close_live_stores() -> None:
+    for store in list(_LIVE):
+        with suppress(Exception):  # exit goes on; what is left is repaired by recover()
+            store.close()
 
 
 def _load_syncfs() -> Callable[[int], None] | None:
@@ -424,11 +444,16 @@ class JsonlStore:
         self._frontier = Frontier()
         self._cp_last: tuple[int, str] | None = None  # the last stored checkpoint seen
         self._index_error: StoreError | None = None  # an index line a lock release lost
+        # batch mode: a run's index line waits until the group commit has made its records
+        # durable (see "Global order"); run id -> the run whose ``leaves`` wait.
+        self._defer = self._batch
+        self._unindexed: dict[str, _Run] = {}
         # Created with the store, so that a store's ledger always has its global order: a
         # verifier that finds no index.jsonl can then tell it was removed.
         self._index()
         self.repaired: list[tuple[str, int, int]] = []
         """``(run_id, first seq, last seq)`` of every index repair this instance made."""
+        _LIVE.add(self)
 
     def __repr__(self) -> str:
         return f"JsonlStore({str(self.path)!r}, durability={self.durability!r})"
@@ -506,7 +531,7 @@ class JsonlStore:
         for run in self._runs.values():  # oldest first
             if len(idle) >= excess:
                 break
-            if run.users == 0:
+            if run.users == 0 and not run.leaves:  # waiting leaves keep their run object
                 idle.append(run)
         for run in idle:
             del self._runs[run.run_id]
@@ -551,9 +576,9 @@ class JsonlStore:
     def _unlock_run(self, run: _Run) -> None:
         run.depth -= 1
         if run.depth == 0:
-            if run.leaves:  # the index lines of this lock's commits, before anyone else's
+            if run.leaves:  # the index line of this lock's commits, before anyone else's
                 try:
-                    self._flush_leaves(run)
+                    self._leaves_done(run)
                 except StoreError as exc:  # raised from flush() / checkpoint(); see there
                     self._index_error = exc
             # Once the file lock is released another process may append: distrust the cache.
@@ -658,10 +683,13 @@ class JsonlStore:
             snap = self._snaps.get(run.name)
             if snap is None or not snap.still(size):
                 snap = self._snap_from(fd, size, run.path, run.name, run.run_id)
-            if snap.state is not None and self._indexed.get(run.name) != snap.state.seq:
+            known = (run.leaf_seq + len(run.leaves) - 1 if run.leaves
+                     else self._indexed.get(run.name))
+            if snap.state is not None and known != snap.state.seq:
                 # Not this process's own last write: make sure the index lists the run's
                 # records so far before listing ours after them (a writer that died between
-                # its two writes left its last commit unindexed).
+                # its two writes left its last commit unindexed).  Our own leaves still
+                # waiting for the group commit count as listed: they will be, in order.
                 self._ensure_indexed(run, snap.state.seq)
         if snap.state is None:
             raise RunNotFound(run.run_id)
@@ -700,6 +728,9 @@ class JsonlStore:
         size = snap.clean + written
         self._snaps[run.name] = _Snap(size, size, state)
         run.fresh = True
+        if not self._sync:
+            # Before the leaves are queued: a flush that sees a leaf has the file to sync.
+            self._mark_dirty(run, new_file)
         if records:
             # Listed in the index after the run line and still under the run's lock, so the
             # index lists a record only once it is stored, and a run's records in seq order.
@@ -710,9 +741,7 @@ class JsonlStore:
                 run.leaf_seq = records[0].seq
             run.leaves.extend([r.hash for r in records])
             if state.status is not Status.RUNNING:
-                self._flush_leaves(run)
-        if not self._sync:
-            self._mark_dirty(run, new_file)
+                self._leaves_done(run)
 
 
     # --- the store-wide index and checkpoints ---------------------------------------------
@@ -766,25 +795,49 @@ class JsonlStore:
 
     def _scan_index(self) -> None:
         """Bring ``_indexed`` up to date with the index lines written since the last scan."""
+        # Under the lock that every update of ``_indexed`` takes: the values only grow, and
+        # an interleaved read-compare-write of two threads could otherwise lower one, which
+        # would make a later check list records a second time.
         with self._scan_lock:
-            data, end = self._read_index(self._scan_offset)
             start = self._scan_offset
-            self._scan_offset = end
-        indexed = self._indexed
-        for number, raw in enumerate(data.split(b"\n")[:-1]):
-            if raw.startswith(b'{"checkpoint"'):
-                continue
-            try:
-                leaf = _leaf_decoder.decode(raw)
-            except ValueError as exc:
-                raise CorruptStore(
-                    self._index_path, None,
-                    f"undecodable index line (line {number + 1} after byte {start}): {exc}",
-                ) from None
-            name = file_name(leaf.run_id)
-            last = leaf.seq + len(leaf.hashes) - 1
-            if indexed.get(name, -1) < last:
-                indexed[name] = last
+            data, self._scan_offset = self._read_index(start)
+            indexed = self._indexed
+            for number, raw in enumerate(data.split(b"\n")[:-1]):
+                if raw.startswith(b'{"checkpoint"'):
+                    continue
+                try:
+                    leaf = _leaf_decoder.decode(raw)
+                except ValueError as exc:
+                    self._scan_offset = start  # nothing of this read counts
+                    raise CorruptStore(
+                        self._index_path, None,
+                        f"undecodable index line (line {number + 1} after byte {start}): {exc}",
+                    ) from None
+                name = file_name(leaf.run_id)
+                last = leaf.seq + len(leaf.hashes) - 1
+                if indexed.get(name, -1) < last:
+                    indexed[name] = last
+
+    def _mark_indexed(self, name: str, last: int) -> None:
+        """Note that the index lists the run's records up to ``last`` (values only grow)."""
+        with self._scan_lock:
+            if self._indexed.get(name, -1) < last:
+                self._indexed[name] = last
+
+    def _leaves_done(self, run: _Run) -> None:
+        """The run's queued leaves are complete for now; caller holds its lock.
+
+        They are listed at once when their records are already durable (``sync``) or never
+        will be by the store's doing (``none``); in ``batch`` mode after the group commit
+        that makes them durable (``_index_waiting``)."""
+        if not self._defer:
+            self._flush_leaves(run)
+            return
+        with self._lock:
+            self._unindexed[run.run_id] = run
+            if self._pending == 0:  # no flush is due (it ran since this run's commits)
+                self._schedule()
+                self._pending += 1
 
     def _flush_leaves(self, run: _Run) -> None:
         """Write the run's queued record hashes as one index line; caller holds its lock.
@@ -793,13 +846,20 @@ class JsonlStore:
         next writer (or ``repair_index``) lists them from the run file."""
         hashes, run.leaves = run.leaves, []
         self._write_index(leaf_line(run.run_id, run.leaf_seq, hashes))
-        self._indexed[run.name] = run.leaf_seq + len(hashes) - 1
+        self._mark_indexed(run.name, run.leaf_seq + len(hashes) - 1)
 
     def _ensure_indexed(self, run: _Run, seq: int) -> None:
         """Append to the index the run's records up to ``seq`` that it lacks; the caller holds
-        the run's lock (so no writer of this run is between its two writes)."""
+        the run's lock (so no writer of this run is between its two writes).
+
+        Our own waiting leaves are dropped and listed from the run file with the rest; in
+        ``batch`` mode the run file is fsynced first, so that the index lists only durable
+        records (the lines may be another process's, written moments ago)."""
         if run.leaves:
-            self._flush_leaves(run)
+            if not self._defer:
+                self._flush_leaves(run)
+            else:
+                run.leaves = []  # the waiting entry finds them gone (see _index_waiting)
         if self._indexed.get(run.name, -1) >= seq:
             return
         self._scan_index()
@@ -812,9 +872,12 @@ class JsonlStore:
             if fresh:
                 missing.append(leaf_line(run.run_id, fresh[0].seq, [r.hash for r in fresh]))
         if missing:
+            if self._defer:
+                assert run.fd is not None  # locked, so open
+                os.fsync(run.fd)
             self._write_index(b"".join(missing))
             self._log_repair(run.run_id, known, seq)
-        self._indexed[run.name] = seq
+        self._mark_indexed(run.name, seq)
 
     def _log_repair(self, run_id: str, known: int, seq: int) -> None:
         # A hook point for tests and logs: the store has no logger of its own.
@@ -860,6 +923,9 @@ class JsonlStore:
         signed and appended.  Each call hashes only the leaves since the previous one.  When
         no record was indexed since the last stored checkpoint, that one is returned.
         """
+        # Write the index lines still waiting for a group commit, so that the checkpoint
+        # covers every record committed before this call.
+        self.flush()
         with self._cp_lock:
             if self._cp_flock is None:
                 self._cp_flock = filelock.FileLock(
@@ -912,14 +978,7 @@ class JsonlStore:
             if not self._batch:
                 return  # "none": tracked only so that an explicit flush() covers it
             if self._pending == 0:
-                self._first_pending = time.monotonic()
-                self._wake.set()
-                if self._flusher is None:
-                    self._flusher = threading.Thread(
-                        target=self._flush_loop, name=f"wakepoint-flusher:{self.path}",
-                        daemon=True,
-                    )
-                    self._flusher.start()
+                self._schedule()
             self._pending += 1
             # A full batch is due now: hand the fsync to the flusher, which runs it without
             # the GIL while commits go on (an inline fsync here cost ~18 us per commit on
@@ -931,6 +990,16 @@ class JsonlStore:
                 self._due.set()
         if backlog:
             self._flush()
+
+    def _schedule(self) -> None:
+        """Start the batch window (caller holds ``_lock``; nothing was pending)."""
+        self._first_pending = time.monotonic()
+        self._wake.set()
+        if self._flusher is None and not self._closed:
+            self._flusher = threading.Thread(
+                target=self._flush_loop, name=f"wakepoint-flusher:{self.path}", daemon=True,
+            )
+            self._flusher.start()
 
     def _flush_loop(self) -> None:
         # Wakes when a first commit becomes pending, sleeps out the rest of the batch window
@@ -953,8 +1022,9 @@ class JsonlStore:
                 with self._lock:
                     self._error = exc
 
-    def _flush(self) -> None:
-        """Make every file written since the last flush durable (and ``runs/`` if it gained files).
+    def _flush(self) -> bool:
+        """Make every file written since the last flush durable (and ``runs/`` if it gained
+        files), then write the index lines that waited for it; whether any was written.
 
         One ``syncfs`` for the whole batch when it covers at least ``_SYNCFS_MIN`` files and
         the platform has it, else one ``fsync`` per file (see the module docstring).
@@ -973,30 +1043,99 @@ class JsonlStore:
                 self._pending = 0
                 self._wake.clear()
                 self._due.clear()
-            if not todo and not dir_dirty:
-                return
-            if self._syncfs is not None and len(todo) >= _SYNCFS_MIN:
-                for fd, _ in todo:
-                    if fd is not None:
-                        os.close(fd)
-                self._syncfs_store()
-                return
+                # The waiting leaves seen now are durable once this sync returns: a leaf is
+                # queued only after its file was marked dirty (``_append``), under this lock.
+                waiting = [(run, run.leaf_seq, len(run.leaves))
+                           for run in self._unindexed.values()]
+                self._unindexed = {}
+            if todo or dir_dirty:
+                self._sync_files(todo, dir_dirty)
+            return self._index_waiting(waiting)
+
+    def _sync_files(self, todo: list[tuple[int | None, str]], dir_dirty: bool) -> None:
+        if self._syncfs is not None and len(todo) >= _SYNCFS_MIN:
+            for fd, _ in todo:
+                if fd is not None:
+                    os.close(fd)
+            self._syncfs_store()
+            return
+        try:
+            for index, (dup, path) in enumerate(todo):
+                fd = dup
+                if fd is None:
+                    try:
+                        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                    except FileNotFoundError:
+                        continue
+                    todo[index] = (fd, path)
+                os.fsync(fd)
+        finally:
+            for fd, _ in todo:
+                if fd is not None:
+                    os.close(fd)
+        if dir_dirty:
+            self._fsync_dir(self._runs_dir)
+
+    def _index_waiting(self, waiting: list[tuple[_Run, int, int]]) -> bool:
+        """List the leaves made durable by the sync just done; whether a line was written.
+
+        Each run's lock is taken without waiting: a run driven by another thread of this
+        process, or locked by another process, stays waiting for the next flush (its own
+        drive queues it again; another process's writer lists the records itself, as it
+        does for any unindexed commit)."""
+        wrote = False
+        retry: list[_Run] = []
+        for run, first, count in waiting:
+            if count == 0:
+                continue
+            if not run.mutex.acquire(blocking=False):
+                retry.append(run)
+                continue
             try:
-                for index, (dup, path) in enumerate(todo):
-                    fd = dup
-                    if fd is None:
-                        try:
-                            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-                        except FileNotFoundError:
-                            continue
-                        todo[index] = (fd, path)
-                    os.fsync(fd)
+                if run.leaf_seq != first or len(run.leaves) < count:
+                    continue  # listed from the run file meanwhile (_ensure_indexed)
+                if not self._lock_run(run, blocking=False):
+                    retry.append(run)
+                    continue
+                try:
+                    wrote |= self._list_leaves(run, count)
+                except (OSError, StoreError) as exc:
+                    # Not listed: the run's next writer or repair_index() lists them; the
+                    # failure is raised by the next flush() (the other runs go on).
+                    self._index_error = StoreError(
+                        f"{self._index_path}: the records of run {run.run_id!r} are stored "
+                        f"but their index line could not be written ({exc}); recover() adds it"
+                    )
+                finally:
+                    self._unlock_run(run)
             finally:
-                for fd, _ in todo:
-                    if fd is not None:
-                        os.close(fd)
-            if dir_dirty:
-                self._fsync_dir(self._runs_dir)
+                run.mutex.release()
+        with self._lock:
+            for run in retry:
+                self._unindexed.setdefault(run.run_id, run)
+            if waiting and len(self._runs) > self._max_open:
+                self._evict()  # the fds kept open only for their waiting leaves
+        return wrote
+
+    def _list_leaves(self, run: _Run, count: int) -> bool:
+        """Write the index line of the run's first ``count`` waiting leaves (durable now);
+        caller holds the run's lock.  Whether a line was written."""
+        first, last = run.leaf_seq, run.leaf_seq + count - 1
+        hashes = run.leaves[:count]
+        run.leaves = run.leaves[count:]
+        run.leaf_seq = last + 1
+        self._scan_index()  # another process may have listed them (it took the run over)
+        known = self._indexed.get(run.name, -1)
+        if known >= last:
+            return False
+        if known != first - 1:  # listed in part, or records before them are missing
+            rest, rest_seq, run.leaves = run.leaves, run.leaf_seq, []
+            self._ensure_indexed(run, last)  # from the run file (fsynced first)
+            run.leaves, run.leaf_seq = rest, rest_seq  # a drive's newer leaves still wait
+            return True
+        self._write_index(leaf_line(run.run_id, first, hashes))
+        self._mark_indexed(run.name, last)
+        return True
 
     def _syncfs_store(self) -> None:
         """One ``syncfs`` of the store's file system: every dirty file and directory entry."""
@@ -1030,7 +1169,8 @@ class JsonlStore:
         a run's lock was released: those records are stored, and the run's next writer or
         ``repair_index()`` lists them."""
         self._raise_error()
-        self._flush()
+        if self._flush():
+            self._flush()  # the index lines just written, durable too
         error, self._index_error = self._index_error, None
         if error is not None:
             raise error
@@ -1051,7 +1191,7 @@ class JsonlStore:
         if flusher is not None:
             flusher.join()
         try:
-            if self.durability != "none":
+            if self.durability != "none" and self._flush():
                 self._flush()
             self._raise_error()
         finally:

@@ -1,0 +1,202 @@
+"""The JSONL store lists a record in ``index.jsonl`` only once the record is durable.
+
+In ``batch`` mode the run lines reach the disk with the next group commit; an index line
+written before that could outlive its run line in a power loss, and the auditor's verifier
+would then report the ledger as damaged.  What is asserted:
+
+* the index line of a drive is written after the sync that made its run lines durable, and
+  not before (an explicit ``flush()`` or the flusher's own batch);
+* a power loss, emulated at its worst (every run file cut back to what the last sync covered,
+  the index kept whole), leaves a ledger that ``recover()`` brings back to a verifying state;
+  the same emulation with index lines written at once (the old rule) does not - which is what
+  makes this test able to fail;
+* a second process that takes a run over while the first one's index line still waits lists
+  the records itself (after an fsync of the run file), and the first one's flush then writes
+  no second copy: every record appears in the index exactly once, and the ledger verifies.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from wakepoint import Runtime, Workflow, ask_user, done, goto
+from wakepoint.ledger.keys import Signer
+from wakepoint.ledger.logindex import INDEX_FILE
+from wakepoint.ledger.trust import TrustRoot
+from wakepoint.ledger.verify import verify
+from wakepoint.stores.jsonl import JsonlStore
+
+approval = Workflow("index-approval")
+
+
+@approval.node(start=True)
+def ask(run):  # type: ignore[no-untyped-def]
+    return ask_user("ok?", choices=["yes", "no"], into="answer", then="decide")
+
+
+@approval.node
+def decide(run):  # type: ignore[no-untyped-def]
+    return done({"answer": run.vars["answer"]})
+
+
+linear = Workflow("index-linear")
+
+
+@linear.node(start=True)
+def first(run):  # type: ignore[no-untyped-def]
+    return goto("second", set={"a": 1})
+
+
+@linear.node
+def second(run):  # type: ignore[no-untyped-def]
+    return done(run.vars["a"])
+
+
+# No flush happens by itself within a test: only explicit ones.
+_QUIET = {"batch_ms": 600_000, "batch_commits": 10**9}
+
+
+class SpyStore(JsonlStore):
+    """Records the order of syncs and index writes, and each run file's size at every sync
+    (what a power loss right after that sync would keep of it)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.events: list[tuple[str, Any]] = []
+        self.synced: dict[str, int] = {}
+        super().__init__(*args, **kwargs)
+
+    def _sync_files(self, todo: list[tuple[int | None, str]], dir_dirty: bool) -> None:
+        sizes = {p.name: p.stat().st_size for p in (self.path / "runs").iterdir()}
+        super()._sync_files(todo, dir_dirty)
+        self.synced.update(sizes)
+        self.events.append(("sync", sizes))
+
+    def _write_index(self, data: bytes, *, mark: bool = True) -> None:
+        self.events.append(("index", data))
+        super()._write_index(data, mark=mark)
+
+
+def _index_leaves(root: Path) -> list[tuple[str, int]]:
+    """Every (run_id, seq) the index lists, in order."""
+    listed = []
+    for raw in (root / INDEX_FILE).read_bytes().splitlines():
+        line = msgspec.json.decode(raw)
+        if "hashes" in line:
+            listed += [(line["run_id"], line["seq"] + k) for k in range(len(line["hashes"]))]
+    return listed
+
+
+def _verify(root: Path, signer: Signer, log_id: str) -> Any:
+    return verify(root, TrustRoot.from_signers([signer], log_id=log_id), require_seals=True)
+
+
+def test_index_lines_wait_for_the_sync_that_makes_their_records_durable(tmp_path: Path) -> None:
+    signer = Signer.generate()
+    store = SpyStore(tmp_path / "s", **_QUIET)
+    rt = Runtime(store, [approval, linear], signer=signer, checkpoints=False)
+    rt.start(linear, run_id="l1")
+    rt.start(approval, run_id="a1")
+    assert _index_leaves(store.path) == []  # committed, not yet durable: not listed
+    assert not any(kind == "index" for kind, _ in store.events)
+    store.flush()
+    kinds = [kind for kind, _ in store.events]
+    assert kinds[0] == "sync" and "index" in kinds
+    assert kinds.index("index") > kinds.index("sync")
+    listed = _index_leaves(store.path)
+    assert sorted(listed) == sorted([("l1", s) for s in range(4)] + [("a1", 0), ("a1", 1)])
+    # A later drive of the same run: listed after the next sync, contiguous with the first.
+    rt.respond("a1", "yes")
+    assert len(_index_leaves(store.path)) == 6
+    store.flush()
+    assert [seq for run, seq in _index_leaves(store.path) if run == "a1"] == list(range(5))
+    rt.close()
+    assert _verify(store.path, signer, store.log_id).ok
+
+
+def _power_cut(root: Path, synced: dict[str, int]) -> None:
+    """Cut every run file back to its size at the last sync (0 if never synced); the
+    index is kept whole - the worst a power loss can do to the order of the two."""
+    for path in (root / "runs").iterdir():
+        keep = synced.get(path.name, 0)
+        if path.stat().st_size > keep:
+            with open(path, "r+b") as f:
+                f.truncate(keep)
+
+
+def _lose_power(tmp_path: Path, defer: bool) -> Any:
+    root = tmp_path / ("deferred" if defer else "at-once")
+    signer = Signer.generate()
+    store = SpyStore(root, **_QUIET)
+    store._defer = defer  # False: index lines written at once, the rule before this one
+    rt = Runtime(store, [approval, linear], signer=signer, checkpoints=False)
+    for i in range(3):
+        rt.start(linear, run_id=f"early-{i}")
+    rt.start(approval, run_id="asked")
+    store.flush()  # these are durable
+    for i in range(3):
+        rt.start(linear, run_id=f"late-{i}")  # these are not, when the power goes
+    rt.respond("asked", "no")
+    _power_cut(root, store.synced)
+    log_id = store.log_id
+    store._closed = True  # the process is gone: nothing more is written or synced
+    store._stop.set()
+    store._wake.set()
+    with Runtime(f"jsonl:{root}", [approval, linear], signer=signer) as after:
+        after.recover()
+        states = {s.run_id: s.status.value for s in after.list()}
+    return _verify(root, signer, log_id), states
+
+
+def test_the_same_power_loss_with_index_lines_written_at_once_breaks_the_ledger(
+    tmp_path: Path,
+) -> None:
+    report, _ = _lose_power(tmp_path, defer=False)
+    assert not report.ok  # the index lists records the run files lost
+
+
+def test_a_second_process_lists_a_runs_waiting_records_once(tmp_path: Path) -> None:
+    """Store A commits a question and keeps its index line waiting; store B (another open
+    file description, as another process has) answers the run: it lists A's records and its
+    own.  A's flush then finds them listed and writes nothing more."""
+    root = tmp_path / "s"
+    signer = Signer.generate()
+    a = SpyStore(root, **_QUIET)
+    rt_a = Runtime(a, [approval], signer=signer, checkpoints=False)
+    rt_a.start(approval, run_id="q")
+    assert _index_leaves(root) == []
+    b = JsonlStore(root)
+    rt_b = Runtime(b, [approval], signer=signer, checkpoints=False)
+    rt_b.respond("q", "yes")
+    rt_b.close()
+    assert [seq for _, seq in _index_leaves(root)] == [0, 1, 2, 3, 4]
+    assert b.repaired == [("q", 0, 1)]
+    a.flush()
+    rt_a.close()
+    listed = _index_leaves(root)
+    assert len(listed) == len(set(listed)) == 5  # nothing listed twice
+    assert _verify(root, signer, a.log_id).ok
+
+
+def test_an_unclosed_store_lists_its_waiting_records_at_exit(tmp_path: Path) -> None:
+    """A script that never closes its runtime: the store is closed at interpreter exit,
+    which writes the index lines still waiting."""
+    import subprocess
+    import sys
+    import textwrap
+
+    root = tmp_path / "s"
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_jsonl_index import linear
+        from wakepoint import Runtime
+        from wakepoint.stores.jsonl import JsonlStore
+        rt = Runtime(JsonlStore({str(root)!r}, batch_ms=600_000), [linear], checkpoints=False)
+        rt.start(linear, run_id="left-open")
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60,
+                   env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert _index_leaves(root) == [("left-open", s) for s in range(4)]
