@@ -2,25 +2,31 @@
 worker processes when asked).
 
 A sound run file is checked by a bulk pass (``_fast_run``) whose per-record work is C-level
-``map``s: one JSON decode of the whole file, the signatures back to back (``verify_all``).  It
+``map``s: one decode of the file's lines and one encode back (``msgspec``'s
+``decode_lines`` / ``encode_lines``: equal bytes prove the store's exact form, one commit
+per line), the signatures back to back (``verify_all``), the bodies' canonical form by the
+same decode-and-encode over all bodies joined by newlines, the stored states by maps.  It
 never reports an error; anything it does not accept is checked again by the exact pass
 (``_exact_run_file``), which parses each line strictly and feeds ``runcheck._RunChecker``, the
 only judge of codes and positions.  The bulk pass is a speed device that knows the JSONL byte
 layout, which is why it lives here and not next to the rules.
+
+Chain mode checks links, not form: its bulk pass reads the bodies with a lenient JSON decoder
+(unknown fields skipped, states not parsed), its exact pass by string search; on lines in the
+store's form both read the same bodies.
 """
 
 from __future__ import annotations
 
 import base64
 import os
-import re
 from array import array
-from binascii import a2b_base64
+from binascii import hexlify
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from itertools import accumulate, chain, repeat
-from operator import attrgetter, itemgetter, methodcaller
+from itertools import accumulate, chain, compress, repeat
+from operator import attrgetter, itemgetter, methodcaller, neg
 from pathlib import Path
 
 import msgspec
@@ -76,7 +82,23 @@ class _FastLine(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     state: msgspec.Raw
 
 
-_lines_decoder = msgspec.json.Decoder(list[_FastLine])
+_line_decoder_fast = msgspec.json.Decoder(_FastLine)
+
+
+class _ChainEnvelope(msgspec.Struct, gc=False):
+    """Chain mode's bulk read of an envelope: the body only (other fields are skipped)."""
+
+    payload: bytes
+
+
+class _ChainLine(msgspec.Struct, gc=False):
+    records: list[_ChainEnvelope]
+
+
+_chain_line_decoder = msgspec.json.Decoder(_ChainLine)
+_PAE_FORMAT = pae(b"").removesuffix(b"0 ") + b"%d %s"
+"""``pae(body) == _PAE_FORMAT % (len(body), body)``: a C-level format (``map(pae, ...)``
+ran a Python frame per record); a test pins the equality."""
 _get_records = attrgetter("records")
 _get_state = attrgetter("state")
 _LINE_HEAD = b'{"records":'
@@ -91,14 +113,10 @@ def check_run_file(path: str, rel: str, ctx: _Ctx, expect_name: bool = True) -> 
     exact record-by-record pass, which alone decides the code and position of an error.
     """
     data = Path(path).read_bytes()
-    try:
-        fast = _fast_run(data, rel, ctx, expect_name)
-    except (ValueError, KeyError, IndexError):
-        fast = None
+    fast = _fast_run(data, rel, ctx, expect_name)
     return fast if fast is not None else _exact_run_file(data, rel, ctx, expect_name)
 
 
-_PAYLOAD_RE = re.compile(rb'\{"payloadType":"[^"]*","payload":"([^"]*)"')
 _LIFECYCLE = frozenset({STARTED, SEALED, ROTATED}) | FINISHED
 
 
@@ -112,9 +130,13 @@ _get_seq = attrgetter("seq")
 _get_prev = attrgetter("prev")
 _get_kind = attrgetter("kind")
 _get_key_id = attrgetter("key_id")
-_get_owner = attrgetter("run_id", "log_id")
+_get_run_id = attrgetter("run_id")
+_get_log_id = attrgetter("log_id")
+_get_state_digest = attrgetter("state")
 _digest = methodcaller("digest")
+_hexdigest = methodcaller("hexdigest")
 _leaf_prefix = b"\x00".__add__
+_is_lifecycle = _LIFECYCLE.__contains__
 
 
 class _FullFile(msgspec.Struct):
@@ -125,20 +147,18 @@ class _FullFile(msgspec.Struct):
     decoded: list[Body]
     counts: list[int]
     """Records per line."""
-    states: list[bytes]
+    states: list[msgspec.Raw]
     """The stored state of each line."""
 
 
 def _fast_full(data: bytes, ctx: _Ctx) -> _FullFile | None:
     """Full mode's bulk read of a run file: every line in the store's exact form, one
     signature per record by a trusted record key that verifies, every body canonical."""
-    # The whole file as one JSON array of lines: one decode; then each line must be exactly
-    # its element encoded back (the store's exact form, and one commit per line: an element
-    # spanning two lines cannot pass), with no per-line Python.
-    lines = data.split(b"\n")
-    lines.pop()
-    decoded_lines = _lines_decoder.decode(b"[%s]" % b",".join(lines))
-    if list(map(_encoder.encode, decoded_lines)) != lines:
+    # Exact form: the file decoded line by line and encoded back, one element per line, must
+    # give the file's bytes back - which also proves one commit per line (an element spread
+    # over two lines, or two on one line, cannot encode to the same bytes).  Two C calls.
+    decoded_lines = _line_decoder_fast.decode_lines(data)
+    if _encoder.encode_lines(decoded_lines) != data:
         return None
     per_line = list(map(_get_records, decoded_lines))
     counts = list(map(len, per_line))
@@ -156,14 +176,18 @@ def _fast_full(data: bytes, ctx: _Ctx) -> _FullFile | None:
     if None in publics:
         return None
     bodies: list[bytes] = list(map(_get_payload, envs))
-    if not verify_all(list(map(_get_sig, sigs)), list(map(pae, bodies)),
+    if not verify_all(list(map(_get_sig, sigs)),
+                      list(map(_PAE_FORMAT.__mod__, zip(map(len, bodies), bodies, strict=True))),
                       publics):  # type: ignore[arg-type]
         return None
-    decoded = list(map(_body_strict.decode, bodies))
-    if list(map(_body_encoder.encode, decoded)) != bodies:
+    # Canonical bodies: the same proof as for the lines, over the bodies joined by newlines.
+    # A body holding a newline would split in two; then the element count differs (the
+    # encoded form has exactly one newline per element).
+    joined = b"\n".join([*bodies, b""])
+    decoded: list[Body] = _body_strict.decode_lines(joined)
+    if len(decoded) != len(bodies) or _body_encoder.encode_lines(decoded) != joined:
         return None
-    return _FullFile(bodies, keyids, decoded, counts,
-                     list(map(bytes, map(_get_state, decoded_lines))))
+    return _FullFile(bodies, keyids, decoded, counts, list(map(_get_state, decoded_lines)))
 
 
 def _fast_run(data: bytes, rel: str, ctx: _Ctx, expect_name: bool) -> RunResult | None:
@@ -172,7 +196,14 @@ def _fast_run(data: bytes, rel: str, ctx: _Ctx, expect_name: bool) -> RunResult 
 
     Speed: per record there is as little interpreter work as possible - every per-record
     step is a ``map`` of a C function (attribute getters, decoders, hashing, the libsodium
-    call, one decode of the file as a JSON array) over a whole file's records."""
+    call, one decode of the file's lines) over a whole file's records."""
+    try:
+        return _bulk_run(data, rel, ctx, expect_name)
+    except (ValueError, KeyError, IndexError):  # msgspec errors and bad UTF-8 among them
+        return None
+
+
+def _bulk_run(data: bytes, rel: str, ctx: _Ctx, expect_name: bool) -> RunResult | None:
     if not data.endswith(b"\n"):
         return None
     full: _FullFile | None = None
@@ -183,16 +214,17 @@ def _fast_run(data: bytes, rel: str, ctx: _Ctx, expect_name: bool) -> RunResult 
             return None
         bodies, keyids, decoded_bodies = full.bodies, full.keyids, full.decoded
     else:
-        # One pass of a compiled pattern over the whole file; line numbers are only needed
-        # to report an error, and errors are the exact pass's business.  (Splitting the file
-        # on the constant envelope head was tried: slower, it copies every line's state.)
+        # Chain mode checks no form (module docstring): one lenient decode of the lines.
         if not data.startswith(_LINE_HEAD):
             return None
-        found = _PAYLOAD_RE.findall(data)
-        if not found:
+        bodies = list(map(_get_payload, chain.from_iterable(map(
+            _get_records, _chain_line_decoder.decode_lines(data)))))
+        if not bodies:
             return None
-        bodies = list(map(a2b_base64, found))
-        decoded_bodies = list(map(_body_chain_fields.decode, bodies))
+        joined = b"\n".join([*bodies, b""])
+        decoded_bodies = _body_chain_fields.decode_lines(joined)
+        if len(decoded_bodies) != len(bodies):
+            return None  # a body holding a newline: the exact pass reads it alone
         keyids = list(map(_get_key_id, decoded_bodies))  # unsigned: body and envelope agree
     n = len(bodies)
     first = decoded_bodies[0]
@@ -205,54 +237,83 @@ def _fast_run(data: bytes, rel: str, ctx: _Ctx, expect_name: bool) -> RunResult 
     if (
         list(map(_get_seq, decoded_bodies)) != list(range(n))
         or list(map(_get_prev, decoded_bodies)) != [genesis(log_id, run_id), *hexes[:-1]]
-        or set(map(_get_owner, decoded_bodies)) != {(run_id, log_id)}
+        or set(map(_get_run_id, decoded_bodies)) != {run_id}
+        or set(map(_get_log_id, decoded_bodies)) != {log_id}
         or (full is not None and list(map(_get_key_id, decoded_bodies)) != keyids)
         or kinds[0] != STARTED
         or not _lifecycle_ok(kinds, ctx.require_seals)
     ):
         return None
-    line_of = array("I")
-    slots = b""
+    lines = slots = b""
     if full is not None:
-        counts = full.counts
-        last_of_line = [k - 1 for k in accumulate(counts)]
-        if not _states_ok(last_of_line, full.states, hexes, full.decoded):
+        if not _states_ok(full.counts, full.states, hashes, full.decoded):
             return None
-        line_of.extend(chain.from_iterable(map(repeat, range(1, len(counts) + 1), counts)))
-        slots = array("H", chain.from_iterable(map(range, counts))).tobytes()
+        lines, slots = _positions(full.counts)
     segments = [(i, k) for i, k in enumerate(keyids) if not i or keyids[i - 1] != k] \
         if len(set(keyids)) > 1 else [(0, keyids[0])]
     return RunResult(
         path=rel, run_id=run_id, log_id=first.log_id, leaves=b"".join(hashes),
-        lines=line_of.tobytes(), slots=slots, key_segments=segments,
-        keys=dict(Counter(keyids)),
+        lines=lines, slots=slots, key_segments=segments, keys=dict(Counter(keyids)),
     )
 
 
-def _states_ok(last_of_line: list[int], states: list[bytes], hexes: list[str],
+_TAIL = b',"seq":%d,"head":"%s"}'
+
+
+def _states_ok(counts: list[int], states: list[msgspec.Raw], hashes: list[bytes],
                bodies: Sequence[Body]) -> bool:
-    """Each line's stored state is the one its last record signed (see ``check_state``).
-    (A version built of C-level maps was tried: slower, its intermediate lists cost more
-    than this loop's interpreter work; the hashing dominates either way.)"""
-    for last, state in zip(last_of_line, states, strict=True):
-        suffix = b',"seq":%d,"head":"%s"}' % (last, hexes[last].encode())
-        if not state.endswith(suffix):
-            return False
-        before = hexes[last - 1] if last else ""
-        old = state[: -len(suffix)] + b',"seq":%d,"head":"%s"}' % (last - 1, before.encode())
-        if _sha256(old).hexdigest() != bodies[last].state:
-            return False
-    return True
+    """Each line's stored state is the one its last record signed (see ``check_state``):
+    it ends with ``,"seq":<last>,"head":"<its hash>"}``, and with that ending swapped for
+    the one naming the record before, its SHA-256 is the last record's ``state`` digest.
+    Every step is a C-level ``map`` over the lines (no Python frame per line)."""
+    n = len(hashes)
+    # tails[k + 1]: how a state whose last record is k ends (tails[0]: before any record).
+    tails = list(map(_TAIL.__mod__, zip(range(-1, n), [b"", *map(hexlify, hashes)],
+                                        strict=True)))
+    if len(counts) == n:  # one record per line, the common case
+        new, old = tails[1:], tails[:-1]
+        digests = list(map(_get_state_digest, bodies))
+    else:
+        ends = list(accumulate(counts))
+        lasts = [k - 1 for k in ends]
+        new = list(map(tails.__getitem__, ends))
+        old = list(map(tails.__getitem__, lasts))
+        digests = list(map(_get_state_digest, map(bodies.__getitem__, lasts)))
+    raw = list(map(bytes, states))
+    if not all(map(bytes.endswith, raw, new)):
+        return False
+    signed = map(bytes.__add__, map(bytes.__getitem__, raw, map(slice, map(neg, map(
+        len, new)))), old)
+    return list(map(_hexdigest, map(_sha256, signed))) == digests
+
+
+def _positions(counts: list[int]) -> tuple[bytes, bytes]:
+    """``RunResult.lines`` and ``.slots`` of a file whose lines hold ``counts`` records.
+    Built for one record per line, with the few lines that hold more (a run's finish and
+    seal are one commit) spliced in; many such lines take the general construction."""
+    n = len(counts)
+    multi = list(compress(range(n), map((1).__ne__, counts)))
+    if len(multi) > 8:
+        line_of = array("I", chain.from_iterable(map(repeat, range(1, n + 1), counts)))
+        slots = array("H", chain.from_iterable(map(range, counts)))
+        return line_of.tobytes(), slots.tobytes()
+    line_of = array("I", range(1, n + 1))
+    slots = array("H", [0]) * n
+    for i in reversed(multi):  # from the end, so earlier indices stay put
+        extra = counts[i] - 1
+        line_of[i + 1:i + 1] = array("I", [i + 1]) * extra
+        slots[i + 1:i + 1] = array("H", range(1, extra + 1))
+    return line_of.tobytes(), slots.tobytes()
 
 
 def _lifecycle_ok(kinds: list[str], require_seals: bool) -> bool:
     """One start, at seq 0; a finish only last or just before the seal; a seal only last and
-    only after a finish.  Rotations are left to the exact pass (they change who may sign)."""
+    only after a finish.  Rotations are left to the exact pass (they change who may sign).
+    Only the records of a lifecycle kind are visited (found by a C-level ``compress``)."""
     n = len(kinds)
     finished = False
-    for i, k in enumerate(kinds):
-        if k not in _LIFECYCLE:
-            continue
+    for i in compress(range(n), map(_is_lifecycle, kinds)):
+        k = kinds[i]
         if k == STARTED:
             if i:
                 return False

@@ -260,3 +260,60 @@ def test_bulk_pass_structs_mirror_the_envelope() -> None:
 
     assert [n for n, _ in shape(_FastEnvelope)] == [n for n, _ in shape(Envelope)]
     assert shape(_FastSignature) == shape(Signature)
+
+
+def test_bulk_pass_pae_format_is_pae() -> None:
+    """The bulk pass builds DSSE's PAE with one C-level format; it must be ``pae`` exactly."""
+    from wakepoint.ledger.records import pae
+    from wakepoint.ledger.runfile import _PAE_FORMAT
+
+    for body in (b"", b"x", b"%d %s", b'{"seq":1}' * 300):
+        assert _PAE_FORMAT % (len(body), body) == pae(body)
+
+
+@pytest.mark.parametrize("counts", [[1], [3], [1, 2], [2, 1, 1, 3, 1], [1] * 7 + [2],
+                                    [2] * 9, [1, 2] * 12])
+def test_bulk_pass_positions(counts: list[int]) -> None:
+    """``_positions`` (one record per line, the few longer lines spliced in) names each
+    record's line and slot as the construction of one entry per record does."""
+    from array import array
+
+    from wakepoint.ledger.runfile import _positions
+
+    lines = array("I", [n for n, c in enumerate(counts, start=1) for _ in range(c)])
+    slots = array("H", [k for c in counts for k in range(c)])
+    assert _positions(counts) == (lines.tobytes(), slots.tobytes())
+
+
+def test_bulk_pass_declines_a_body_holding_a_newline(tmp_path: Path) -> None:
+    """The bulk pass checks the bodies' canonical form over all of them joined by newlines;
+    a validly signed body of two JSON documents on two lines would pass that check as two
+    bodies, so the count of decoded bodies must decide (``_fast_full`` declines by itself,
+    before any chain check), and the exact pass names the record as ``malformed``."""
+    import base64
+
+    from wakepoint.ledger.records import pae
+
+    led = interleaved(tmp_path, 1)
+    led.close()
+    path = tmp_path / "runs" / "run-0.jsonl"
+    lines = path.read_bytes().split(b"\n")
+    doc = msgspec.json.decode(lines[1])
+    env = doc["records"][0]
+    body = base64.b64decode(env["payload"])
+    forged = body + b"\n" + body
+    env["payload"] = base64.b64encode(forged).decode()
+    env["signatures"][0]["sig"] = base64.b64encode(led.signer.sign(pae(forged))).decode()
+    lines[1] = lines[1].replace(lines[1][:lines[1].index(b',"state":')],
+                                msgspec.json.encode({"records": doc["records"]})[:-1])
+    path.write_bytes(b"\n".join(lines))
+    ctx = _Ctx(record_keys={led.signer.key_id: led.signer.public}, other_keys=[],
+               log_id=led.log_id, mode="full", require_seals=True)
+    data = path.read_bytes()
+    from wakepoint.ledger.runfile import _fast_full
+
+    assert _fast_full(data, ctx) is None
+    assert _fast_run(data, "runs/run-0.jsonl", ctx, True) is None
+    problem = _exact_run_file(data, "runs/run-0.jsonl", ctx, True).problem
+    assert problem is not None and (problem.code, problem.where) == ("malformed",
+                                                                     "runs/run-0.jsonl:2#0")
