@@ -30,9 +30,11 @@ Promises (the contract of ``stores.base``, checked by ``stores.conformance``):
   ``synchronous_commit``).  ``flush`` makes every returned commit durable in any mode.
 * ``claim`` is one statement on both dialects: ``WITH picked AS (SELECT run_id ... LIMIT n
   FOR UPDATE SKIP LOCKED) UPDATE wp_runs SET lease_... WHERE run_id IN picked RETURNING
-  state``.  PostgreSQL skips rows another claimer has locked; SQLite (which renders no
-  ``FOR UPDATE``) runs it inside ``BEGIN IMMEDIATE``, i.e. alone.  Which of more than
-  ``limit`` candidates are taken is not specified; the result is sorted oldest first.
+  state``.  PostgreSQL skips rows another claimer has locked, and picks in two ordered
+  index scans that stop at ``limit`` (overdue waits by deadline, then RUNNING runs oldest
+  first; see ``_Statements._pg_claimable``); SQLite (which renders no ``FOR UPDATE``) runs
+  one unordered scan inside ``BEGIN IMMEDIATE``, i.e. alone.  Which of more than ``limit``
+  candidates SQLite takes is not specified; the result is sorted oldest first.
   The commit that finishes a run clears its lease in the same ``UPDATE``
   (``releases_finished``): a worker that drove a run to its end skips ``release``.
 * Opening checks the database before writing anything: an empty database, someone else's,
@@ -71,7 +73,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
 
 import msgspec
-from sqlalchemy import bindparam, func, literal_column, null, select, update
+from sqlalchemy import bindparam, func, literal_column, null, select, union_all, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.sql import ClauseElement, ColumnElement
@@ -300,6 +302,8 @@ class _Statements:
             .cte("picked")
             .prefix_with("MATERIALIZED", dialect="postgresql")
         )
+        if engine.dialect.name == "postgresql":
+            picked = self._pg_claimable(b)
         self.claim = self._sql(
             update(WP_RUNS)
             .where(r.run_id.in_(select(picked.c.run_id)))
@@ -312,6 +316,41 @@ class _Statements:
 
     def _sql(self, statement: ClauseElement) -> str:
         return str(statement.compile(dialect=self._dialect))
+
+    @staticmethod
+    def _pg_claimable(b: Callable[..., Any]) -> Any:
+        """PostgreSQL's claim candidates: overdue waits by deadline, then RUNNING runs oldest
+        first, each kind by an ordered scan of its own index that stops after ``limit``
+        rows.  The single ``status = 'running' OR (... due <= now)`` scan that SQLite uses
+        was planned by PostgreSQL as a sequential scan (or a bitmap of the wait-key index)
+        reading every run, finished ones included, on every claim: with 1,000 runs being
+        driven, 0.16 ms per claim and 46-70 buffers, against about 10 buffers here.  Overdue
+        waits come first because their lateness is what a user sees."""
+        r = WP_RUNS.c
+        lease_free = (r.lease_owner.is_(None) | (r.lease_expires <= b("b_now"))
+                      | (r.lease_owner == b("b_worker")))
+        due = (
+            select(r.run_id)
+            .where(r.status == _WAITING, r.due <= b("b_now"), lease_free)
+            .order_by(r.due)
+            .limit(b("b_limit"))
+            .offset(_ZERO)
+            .with_for_update(skip_locked=True)
+            .cte("due")
+            .prefix_with("MATERIALIZED")
+        )
+        left = b("b_limit") - select(func.count()).select_from(due).scalar_subquery()
+        running = (
+            select(r.run_id)
+            .where(r.status == _RUNNING, lease_free)
+            .order_by(r.status, r.created_at, r.run_id)  # the index's order
+            .limit(left)
+            .offset(_ZERO)
+            .with_for_update(skip_locked=True)
+            .cte("running")
+            .prefix_with("MATERIALIZED")
+        )
+        return union_all(select(due.c.run_id), select(running.c.run_id)).cte("picked")
 
     def pg_write(self, head: str, records: int) -> str:
         """PostgreSQL: the run's write ``head`` (``create``, ``update`` or ``state``) and

@@ -55,6 +55,7 @@ from wakepoint.stores.conformance import (
     COUNTER,
     LINEAR,
     QUERY_CHECKS,
+    TIMER,
     Harness,
     StoreMachine,
     race_claims,
@@ -239,6 +240,36 @@ def test_the_commit_that_finishes_a_run_ends_its_lease(url: str) -> None:
         leases = _leases(url)
         assert leases["done"] == (None, None)
         assert leases["open"][0] == "w1" and leases["open"][1] is not None
+    finally:
+        store.close()
+
+
+def test_postgresql_claims_overdue_waits_first_then_the_oldest_running_runs(
+    pg_url: str,
+) -> None:
+    """PostgreSQL's claim reads each kind of candidate in its index's order and stops at
+    ``limit``: overdue waits by deadline first, then RUNNING runs oldest first; runs leased
+    to another worker, finished runs and waits not yet due are passed over."""
+    store = SqlStore(pg_url, upgrade=True)
+    try:
+        h = Harness(store)
+        inp = {"key": "evt:k0", "data": None, "boom": False}
+        for rid in ("r1", "r2", "r3", "r4"):
+            h.start(LINEAR, rid, inp)
+            h.advance(1)
+        h.start(LINEAR, "done", inp)
+        h.drive("done")
+        h.start(TIMER, "t1")
+        h.drive("t1")  # waits 3 s
+        h.advance(1)
+        h.start(TIMER, "t2")
+        h.drive("t2")  # due a second after t1
+        lease = timedelta(minutes=5)
+        assert [s.run_id for s in store.claim(h.now, "w0", lease, 1)] == ["r1"]
+        later = h.advance(5)  # both timers overdue
+        assert [s.run_id for s in store.claim(later, "w1", lease, 1)] == ["t1"]
+        assert sorted(s.run_id for s in store.claim(later, "w2", lease, 2)) == ["r2", "t2"]
+        assert [s.run_id for s in store.claim(later, "w3", lease, 5)] == ["r3", "r4"]
     finally:
         store.close()
 
