@@ -577,10 +577,13 @@ class JsonlStore:
         run.depth -= 1
         if run.depth == 0:
             if run.leaves:  # the index line of this lock's commits, before anyone else's
-                try:
-                    self._leaves_done(run)
-                except StoreError as exc:  # raised from flush() / checkpoint(); see there
-                    self._index_error = exc
+                if self._defer:
+                    self._queue_leaves(run)  # batch mode: listed after the group commit
+                else:
+                    try:
+                        self._flush_leaves(run)
+                    except StoreError as exc:  # raised from flush() / checkpoint(); see there
+                        self._index_error = exc
             # Once the file lock is released another process may append: distrust the cache.
             run.owner = None
             run.fresh = False
@@ -741,7 +744,10 @@ class JsonlStore:
                 run.leaf_seq = records[0].seq
             run.leaves.extend([r.hash for r in records])
             if state.status is not Status.RUNNING:
-                self._leaves_done(run)
+                if self._defer:
+                    self._queue_leaves(run)  # a flush within this drive may list them
+                else:
+                    self._flush_leaves(run)
 
 
     # --- the store-wide index and checkpoints ---------------------------------------------
@@ -766,7 +772,17 @@ class JsonlStore:
         ``_mark_dirty`` instead, under the lock it takes anyway)."""
         fd = self._index()
         try:
-            written = os.write(fd, data)
+            with self._scan_lock:
+                written = os.write(fd, data)
+                # Our own lines need no reading back (every caller notes what they list in
+                # ``_indexed``): when they follow what was scanned, the scan skips them, and
+                # the next one costs one fstat unless another process wrote meanwhile.  The
+                # fd's offset is the end of our write (O_APPEND), read under the lock that
+                # every write of this process takes.
+                if written == len(data):
+                    end = os.lseek(fd, 0, os.SEEK_CUR)
+                    if end - written == self._scan_offset:
+                        self._scan_offset = end
         except OSError as exc:
             raise StoreError(
                 f"{self._index_path}: the commit is stored but its index line could not be "
@@ -824,15 +840,9 @@ class JsonlStore:
             if self._indexed.get(name, -1) < last:
                 self._indexed[name] = last
 
-    def _leaves_done(self, run: _Run) -> None:
-        """The run's queued leaves are complete for now; caller holds its lock.
-
-        They are listed at once when their records are already durable (``sync``) or never
-        will be by the store's doing (``none``); in ``batch`` mode after the group commit
-        that makes them durable (``_index_waiting``)."""
-        if not self._defer:
-            self._flush_leaves(run)
-            return
+    def _queue_leaves(self, run: _Run) -> None:
+        """Batch mode: the run's leaves wait for the group commit that makes them durable
+        (``_index_waiting``); caller holds the run's lock."""
         with self._lock:
             self._unindexed[run.run_id] = run
             if self._pending == 0:  # no flush is due (it ran since this run's commits)
@@ -859,7 +869,7 @@ class JsonlStore:
             if not self._defer:
                 self._flush_leaves(run)
             else:
-                run.leaves = []  # the waiting entry finds them gone (see _index_waiting)
+                run.leaves = []  # listed from the run file below, with the rest
         if self._indexed.get(run.name, -1) >= seq:
             return
         self._scan_index()
@@ -1079,63 +1089,77 @@ class JsonlStore:
     def _index_waiting(self, waiting: list[tuple[_Run, int, int]]) -> bool:
         """List the leaves made durable by the sync just done; whether a line was written.
 
-        Each run's lock is taken without waiting: a run driven by another thread of this
-        process, or locked by another process, stays waiting for the next flush (its own
-        drive queues it again; another process's writer lists the records itself, as it
-        does for any unindexed commit)."""
-        wrote = False
+        Each run's lock is taken without waiting - a run that a thread of this process
+        drives, or another process holds, is left for the next flush (its drive queues it
+        again; another process's writer lists the records itself, as it does for any
+        unindexed commit).  With all the locks held the index is read once, for lines
+        another process wrote for these runs meanwhile, and the rest is one write."""
+        taken: list[tuple[_Run, int]] = []
         retry: list[_Run] = []
-        for run, first, count in waiting:
-            if count == 0:
-                continue
-            if not run.mutex.acquire(blocking=False):
-                retry.append(run)
-                continue
-            try:
-                if run.leaf_seq != first or len(run.leaves) < count:
-                    continue  # listed from the run file meanwhile (_ensure_indexed)
-                if not self._lock_run(run, blocking=False):
+        wrote = False
+        try:
+            for run, first, count in waiting:
+                if not run.mutex.acquire(blocking=False):
                     retry.append(run)
                     continue
-                try:
-                    wrote |= self._list_leaves(run, count)
-                except (OSError, StoreError) as exc:
-                    # Not listed: the run's next writer or repair_index() lists them; the
-                    # failure is raised by the next flush() (the other runs go on).
-                    self._index_error = StoreError(
-                        f"{self._index_path}: the records of run {run.run_id!r} are stored "
-                        f"but their index line could not be written ({exc}); recover() adds it"
-                    )
-                finally:
-                    self._unlock_run(run)
-            finally:
+                # Fewer leaves, or others: listed from the run file meanwhile (_ensure_indexed).
+                if run.leaf_seq != first or len(run.leaves) < count:
+                    run.mutex.release()
+                    continue
+                if not self._lock_run(run, blocking=False):
+                    run.mutex.release()
+                    retry.append(run)
+                    continue
+                taken.append((run, count))
+            if taken:
+                wrote = self._list_waiting(taken)
+        except (OSError, StoreError) as exc:
+            # Not listed: the next flush, the run's next writer or repair_index() lists
+            # them; the failure is raised by the next flush().
+            self._index_error = StoreError(
+                f"{self._index_path}: stored records could not be listed ({exc}); "
+                "recover() adds them"
+            )
+        finally:
+            for run, _ in taken:
+                self._unlock_run(run)  # queues what is left (a drive's newer leaves)
                 run.mutex.release()
-        with self._lock:
-            for run in retry:
-                self._unindexed.setdefault(run.run_id, run)
-            if waiting and len(self._runs) > self._max_open:
-                self._evict()  # the fds kept open only for their waiting leaves
+            with self._lock:
+                for run in retry:
+                    self._unindexed.setdefault(run.run_id, run)
+                if waiting and len(self._runs) > self._max_open:
+                    self._evict()  # the fds kept open only for their waiting leaves
         return wrote
 
-    def _list_leaves(self, run: _Run, count: int) -> bool:
-        """Write the index line of the run's first ``count`` waiting leaves (durable now);
-        caller holds the run's lock.  Whether a line was written."""
-        first, last = run.leaf_seq, run.leaf_seq + count - 1
-        hashes = run.leaves[:count]
-        run.leaves = run.leaves[count:]
-        run.leaf_seq = last + 1
-        self._scan_index()  # another process may have listed them (it took the run over)
-        known = self._indexed.get(run.name, -1)
-        if known >= last:
-            return False
-        if known != first - 1:  # listed in part, or records before them are missing
-            rest, rest_seq, run.leaves = run.leaves, run.leaf_seq, []
-            self._ensure_indexed(run, last)  # from the run file (fsynced first)
+    def _list_waiting(self, taken: list[tuple[_Run, int]]) -> bool:
+        """Write the index lines of each run's first ``count`` leaves (durable now); the
+        caller holds every run's lock.  Whether anything was written."""
+        self._scan_index()  # what other processes listed for these runs before we locked
+        lines: list[bytes] = []
+        listed: list[tuple[_Run, int]] = []
+        gaps: list[tuple[_Run, int]] = []
+        for run, count in taken:
+            first, last = run.leaf_seq, run.leaf_seq + count - 1
+            known = self._indexed.get(run.name, -1)
+            if known >= last:  # another process took the run over and listed them
+                listed.append((run, count))
+            elif known == first - 1:
+                lines.append(leaf_line(run.run_id, first, run.leaves[:count]))
+                listed.append((run, count))
+            else:  # listed in part, or records before them missing: from the run file
+                gaps.append((run, count))
+        if lines:
+            self._write_index(b"".join(lines))
+        for run, count in listed:
+            self._mark_indexed(run.name, run.leaf_seq + count - 1)
+            run.leaves = run.leaves[count:]
+            run.leaf_seq += count
+        for run, count in gaps:
+            last = run.leaf_seq + count - 1
+            rest, rest_seq, run.leaves = run.leaves[count:], last + 1, []
+            self._ensure_indexed(run, last)  # fsyncs the run file first
             run.leaves, run.leaf_seq = rest, rest_seq  # a drive's newer leaves still wait
-            return True
-        self._write_index(leaf_line(run.run_id, first, hashes))
-        self._mark_indexed(run.name, last)
-        return True
+        return bool(lines or gaps)
 
     def _syncfs_store(self) -> None:
         """One ``syncfs`` of the store's file system: every dirty file and directory entry."""
