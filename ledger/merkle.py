@@ -19,13 +19,18 @@ Everything works on raw 32-byte digests; hex is the caller's business.
 from __future__ import annotations
 
 import hashlib
+from collections import deque
 from collections.abc import Sequence
-from operator import methodcaller
+from itertools import repeat
 
 _sha256 = hashlib.sha256
-_digest = methodcaller("digest")
 _NODE = b"\x01"
 EMPTY_ROOT = _sha256(b"").digest()
+# Node hashes start from copies of the hash state after the 0x01 prefix: copying a state is
+# cheaper than building a hash object (OpenSSL fetches the algorithm for each), and it spares
+# the prefixed copy of every pair (0.83 -> 0.59 us per node in bulk here).
+_NODE_STATE = _sha256(_NODE)
+_Hash = type(_NODE_STATE)
 
 
 def leaf_hash(data: bytes) -> bytes:
@@ -35,7 +40,16 @@ def leaf_hash(data: bytes) -> bytes:
 
 def node_hash(left: bytes, right: bytes) -> bytes:
     """``SHA-256(0x01 || left || right)``."""
-    return _sha256(b"\x01" + left + right).digest()
+    h = _NODE_STATE.copy()
+    h.update(left + right)
+    return h.digest()
+
+
+def _node_hashes(level: list[bytes]) -> list[bytes]:
+    """The parents of a level of even length, with no Python frame per node."""
+    states = list(map(_Hash.copy, repeat(_NODE_STATE, len(level) >> 1)))
+    deque(map(_Hash.update, states, map(bytes.__add__, level[::2], level[1::2])), 0)
+    return list(map(_Hash.digest, states))
 
 
 def _split(n: int) -> int:
@@ -198,10 +212,7 @@ class Frontier:
                 block = min(block, size & -size)  # keep complete subtrees aligned
             level = list(leaves[i:i + block])
             while len(level) > 1:
-                # Every step a C-level map (no Python frame per node): concatenate the
-                # pair, prefix 0x01, hash, digest.
-                level = list(map(_digest, map(_sha256, map(_NODE.__add__, map(
-                    bytes.__add__, level[::2], level[1::2])))))
+                level = _node_hashes(level)
             stack.append(level[0])
             k = size // block
             while k & 1:
