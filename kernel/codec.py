@@ -57,12 +57,17 @@ ENCODE_ERRORS = (TypeError, ValueError, OverflowError, RecursionError)
 """What msgspec raises for a value it cannot encode (RecursionError: cyclic or too deep)."""
 
 
-def value_digest(value: Any, where: str) -> str:
-    """Hex digest of a value's encoding; ``UnencodableValue`` naming ``where`` if it has none."""
+def value_digest(value: Any, where: str, *args: object) -> str:
+    """Hex digest of a value's encoding; ``UnencodableValue`` naming ``where`` if it has none.
+
+    With ``args``, ``where`` is a ``str.format`` pattern filled in only on that error: the
+    name is built for every transition otherwise, at more than the cost of the digest.
+    """
     try:
         return hashlib.sha256(_encoder.encode(value)).hexdigest()
     except ENCODE_ERRORS as exc:
-        raise UnencodableValue(where, explain(value, exc)) from None
+        name = where.format(*args) if args else where
+        raise UnencodableValue(name, explain(value, exc)) from None
 
 
 def explain(value: Any, exc: BaseException) -> str:

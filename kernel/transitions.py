@@ -74,7 +74,7 @@ def start(
 ) -> Transition:
     """Create a RUNNING run of ``wf`` at its start node (no node runs yet)."""
     node = wf.start_node
-    payload = value_digest(input, f"input of run {run_id!r}")
+    payload = value_digest(input, "input of run {!r}", run_id)
     state = RunState(
         run_id=run_id,
         workflow=wf.id,
@@ -131,7 +131,7 @@ def tick(wf: Workflow, state: RunState, now: datetime) -> Transition:
         if isinstance(output, MappingProxyType):  # ``done(run.vars)``: store a plain dict
             output = dict(output)
         new = _replace(state, status=Status.COMPLETED, output=output, step=step, updated_at=now)
-        payload = value_digest(output, f"output of node {node!r} of run {state.run_id!r}")
+        payload = value_digest(output, "output of node {!r} of run {!r}", node, state.run_id)
         return _emit(new, "run.completed", node, None, payload=payload)
     if isinstance(result, Fail):
         return _failed(state, now, "Fail", result.reason)
@@ -152,7 +152,7 @@ def resume(wf: Workflow, state: RunState, key: str, payload: Any, now: datetime)
     wait = _wait_on(state, key)
     if wait.kind == "user" and wait.choices is not None and payload not in wait.choices:
         raise InvalidAnswer(state.run_id, payload, wait.choices)
-    digest = value_digest(payload, f"payload for key {key!r} of run {state.run_id!r}")
+    digest = value_digest(payload, "payload for key {!r} of run {!r}", key, state.run_id)
     return _continue(state, now, wait.then, wait.into, payload, "wait.resumed", key, digest)
 
 
@@ -299,7 +299,8 @@ def _request(
             effect=eff,
         )
     payload = value_digest(
-        eff, f"arguments of the {effect_kind(eff)} effect of node {node!r} of run {state.run_id!r}"
+        eff, "arguments of the {} effect of node {!r} of run {!r}", effect_kind(eff), node,
+        state.run_id,
     )
     new = _replace(
         state, status=Status.WAITING, wait=wait, children=children, step=step, updated_at=now
