@@ -18,42 +18,20 @@ would then report the ledger as damaged.  What is asserted:
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import msgspec
-from wakepoint import Runtime, Workflow, ask_user, done, goto
+from wakepoint import Runtime
 from wakepoint.ledger.keys import Signer
 from wakepoint.ledger.logindex import INDEX_FILE
 from wakepoint.ledger.trust import TrustRoot
 from wakepoint.ledger.verify import verify
 from wakepoint.stores.jsonl import JsonlStore
 
-approval = Workflow("index-approval")
-
-
-@approval.node(start=True)
-def ask(run):  # type: ignore[no-untyped-def]
-    return ask_user("ok?", choices=["yes", "no"], into="answer", then="decide")
-
-
-@approval.node
-def decide(run):  # type: ignore[no-untyped-def]
-    return done({"answer": run.vars["answer"]})
-
-
-linear = Workflow("index-linear")
-
-
-@linear.node(start=True)
-def first(run):  # type: ignore[no-untyped-def]
-    return goto("second", set={"a": 1})
-
-
-@linear.node
-def second(run):  # type: ignore[no-untyped-def]
-    return done(run.vars["a"])
-
+sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib: tests/ is not on it
+from test_runtime_ledger import approval, linear  # the same two workflows
 
 # No flush happens by itself within a test: only explicit ones.
 _QUIET = {"batch_ms": 600_000, "batch_commits": 10**9}
@@ -184,16 +162,17 @@ def test_an_unclosed_store_lists_its_waiting_records_at_exit(tmp_path: Path) -> 
     """A script that never closes its runtime: the store is closed at interpreter exit,
     which writes the index lines still waiting."""
     import subprocess
-    import sys
     import textwrap
 
     root = tmp_path / "s"
     script = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(Path(__file__).parent)!r})
-        from test_jsonl_index import linear
+        from test_runtime_ledger import linear
         from wakepoint import Runtime
         from wakepoint.stores.jsonl import JsonlStore
+
+from test_runtime_ledger import approval, linear  # the same two workflows
         rt = Runtime(JsonlStore({str(root)!r}, batch_ms=600_000), [linear], checkpoints=False)
         rt.start(linear, run_id="left-open")
     """)
