@@ -171,8 +171,6 @@ def test_an_unclosed_store_lists_its_waiting_records_at_exit(tmp_path: Path) -> 
         from test_runtime_ledger import linear
         from wakepoint import Runtime
         from wakepoint.stores.jsonl import JsonlStore
-
-from test_runtime_ledger import approval, linear  # the same two workflows
         rt = Runtime(JsonlStore({str(root)!r}, batch_ms=600_000), [linear], checkpoints=False)
         rt.start(linear, run_id="left-open")
     """)
