@@ -274,6 +274,63 @@ def test_postgresql_claims_overdue_waits_first_then_the_oldest_running_runs(
         store.close()
 
 
+def test_pg_statement_runs_through_libpq_with_psycopg_errors(pg_url: str) -> None:
+    """``PgStatement``: ``%(name)s`` parameters (a name used twice is one parameter) go as
+    text (str, int) or binary (bytes, None); results come back binary; a failing statement
+    raises psycopg's exception class for its SQLSTATE, and the statement stays usable."""
+    import psycopg
+    from wakepoint.stores.sql_engine import PgStatement, int_value
+
+    conn = psycopg.connect(pg_url.replace("postgresql+psycopg://", "postgresql://"),
+                           autocommit=True)
+    try:
+        prepared: set[bytes] = set()
+        echo = PgStatement("t_echo", "SELECT %(n)s::bigint + %(n)s::bigint, %(s)s::text, "
+                                     "%(b)s::bytea, %(z)s::bytea IS NULL, 10 / %(d)s::int")
+        assert echo.names == ("n", "s", "b", "z", "d")
+        result = echo.run(conn, prepared, {"n": 21, "s": "h\u00e9", "b": b"\x00\xff",
+                                           "z": None, "d": 5, "unused": 1})
+        assert int_value(result.get_value(0, 0)) == 42
+        assert result.get_value(0, 1).decode() == "h\u00e9"
+        assert result.get_value(0, 2) == b"\x00\xff"
+        assert result.get_value(0, 3) == b"\x01"  # binary true
+        assert prepared == {b"t_echo"}
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            echo.run(conn, prepared, {"n": 1, "s": "", "b": b"", "z": None, "d": 0})
+        again = echo.run(conn, prepared, {"n": 1, "s": "", "b": b"", "z": None, "d": 1})
+        assert int_value(again.get_value(0, 4)) == 10
+    finally:
+        conn.close()
+
+
+def test_a_terminated_connection_fails_one_call_then_the_store_reconnects(
+    pg_url: str,
+) -> None:
+    """The hot path's libpq statements: when the server ends the store's connection, the
+    next call raises psycopg's ``OperationalError`` and drops the connection; the call
+    after it connects again, prepares its statements again, and works."""
+    import psycopg
+
+    store = SqlStore(pg_url, upgrade=True)
+    try:
+        h = Harness(store)
+        h.start(LINEAR, "r1", {"key": "evt:k0", "data": None, "boom": False})
+        assert store.load("r1").run_id == "r1"
+        pid = store._conn().info.backend_pid
+        with psycopg.connect(pg_url.replace("postgresql+psycopg://", "postgresql://"),
+                             autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        time.sleep(0.1)
+        with pytest.raises(psycopg.OperationalError):
+            store.load("r1")
+        assert store.load("r1").run_id == "r1"
+        assert store._conn().info.backend_pid != pid
+        h.tick("r1")  # a commit on the new connection
+        assert store.load("r1").seq == h.runs["r1"].state.seq
+    finally:
+        store.close()
+
+
 # --- what the SQL store adds ------------------------------------------------------------------
 
 
