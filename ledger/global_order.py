@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import re
 from array import array
-from binascii import unhexlify
+from binascii import hexlify, unhexlify
 from collections.abc import Sequence
 from itertools import accumulate, groupby
-from operator import attrgetter, itemgetter, methodcaller
+from operator import attrgetter, methodcaller
 
 import msgspec
 
@@ -215,10 +215,31 @@ class _LeafRaw(msgspec.Struct, forbid_unknown_fields=True, gc=False):
 _leaf_block = msgspec.json.Decoder(list[_LeafRaw])
 _get_hashes = attrgetter("hashes")
 _get_run_id = attrgetter("run_id")
-_join_str = "".join
 _count_seps = methodcaller("count", b'","')
-_inner = itemgetter(slice(2, -2))
-_no_seps = methodcaller("replace", b'","', b"")
+
+
+def _block_hashes(raws: list[bytes]) -> bytes | None:
+    """The hashes of a block's lines, concatenated (32 bytes each, in order), when every
+    ``hashes`` value in ``raws`` is exactly ``["<64 lower-case hex>",...]``; else None.
+
+    Why the test below proves that, with a few whole-block C calls instead of a split per
+    hash: ``raw`` is the hashes the hex digits of all the values spell (``unhexlify`` fails on
+    any other character; ``"[],`` are dropped first).  ``want`` is the one canonical array of
+    those hashes.  Joined, the values with every ``"]["`` made ``","`` must be ``want``: so
+    the joined values are ``want`` with some separators ``,`` written ``][`` instead - a row
+    of arrays of 64-digit lower-case strings (``want`` has no other quotes or brackets, and
+    hex spelled differently, upper case for one, would not re-spell the same).  Each value is
+    one complete JSON value (the decoder checked) starting at a ``[`` of that row, so it ends
+    at the next ``]``: each value is one of those arrays."""
+    joined = b"".join(raws)
+    try:
+        raw = unhexlify(joined.translate(None, b'"[],'))
+    except ValueError:  # a character that is not a hex digit, or an odd count of them
+        return None
+    if not raw or len(raw) & 31:
+        return None
+    want = b'["%s"]' % hexlify(raw, b",", 32).replace(b",", b'","')
+    return raw if joined.replace(b'"]["', b'","') == want else None
 
 
 def _bulk_block(g: _Global, lines: list[bytes]) -> bool:
@@ -227,11 +248,11 @@ def _bulk_block(g: _Global, lines: list[bytes]) -> bool:
 
     Accepted only when the block is in canonical form (decoded as one JSON array and
     encoded back to the same bytes; every ``hashes`` exactly ``["<64 lower-case hex>",
-    ...]``), each run's lines continue its records exactly (seqs contiguous from where the
-    run stood, hashes equal to its stored leaves), and no key involved has a position bound
-    (those need a check per position).  The per-line work is C-level - one decode, one
-    encode, maps, a stable sort that groups lines by run; Python runs once per run of the
-    block, not per line."""
+    ...]``, see ``_block_hashes``), each run's lines continue its records exactly (seqs
+    contiguous from where the run stood, hashes equal to its stored leaves), and no key
+    involved has a position bound (those need a check per position).  The per-line work is
+    C-level - one decode, one encode, maps, a stable sort that groups lines by run; Python
+    runs once per run of the block, not per line."""
     block = b"[%s]" % b",".join(lines)
     try:
         decoded = _leaf_block.decode(block)
@@ -240,26 +261,20 @@ def _bulk_block(g: _Global, lines: list[bytes]) -> bool:
     if _encoder.encode(decoded) != block:
         return False
     raws = list(map(bytes, map(_get_hashes, decoded)))
-    # Each raw value is one JSON array, so ``"]["`` only occurs between two of them: the
-    # block's hashes are the parts of one array; all 64 lower-case hex digits.
-    parts = b"".join(raws).replace(b'"]["', b'","')
-    if not (parts.startswith(b'["') and parts.endswith(b'"]')):
+    raw = _block_hashes(raws)
+    if raw is None:
         return False
-    pieces = parts[2:-2].split(b'","')
-    counts = [n + 1 for n in map(_count_seps, raws)]
-    if set(map(len, pieces)) != {64} or len(pieces) != sum(counts):
+    counts = [n + 1 for n in map(_count_seps, raws)]  # hashes per line
+    ends = list(accumulate(counts))
+    if ends[-1] << 5 != len(raw):
         return False
-    try:
-        raw = unhexlify(b"".join(pieces))
-    except ValueError:
-        return False
-    if raw.hex().encode() != b"".join(pieces):  # upper case: one spelling per hash
-        return False
-    hexes = list(map(_no_seps, map(_inner, raws)))
+    # Each line's hashes as bytes (a slice of ``raw``), compared per run below.
+    chunks = list(map(raw.__getitem__, map(slice, map((32).__mul__, [0, *ends[:-1]]),
+                                           map((32).__mul__, ends))))
     run_ids = list(map(_get_run_id, decoded))
     seqs = list(map(_get_seq, decoded))
     order = sorted(range(len(decoded)), key=run_ids.__getitem__)
-    ends: dict[str, int] = {}
+    next_ends: dict[str, int] = {}
     for run_id, group in groupby(order, key=run_ids.__getitem__):
         res = g.results.get(run_id)
         if res is None:
@@ -271,8 +286,8 @@ def _bulk_block(g: _Global, lines: list[bytes]) -> bool:
                                                                    initial=start)):
             return False
         end = start + sum(mine)
-        if end > res.count or b"".join(map(hexes.__getitem__, members)) != \
-                res.leaves[start << 5:end << 5].hex().encode():
+        if end > res.count or b"".join(map(chunks.__getitem__, members)) != \
+                res.leaves[start << 5:end << 5]:
             return False
         if g.full:
             fast = g.fast_keys.get(run_id)
@@ -280,8 +295,8 @@ def _bulk_block(g: _Global, lines: list[bytes]) -> bool:
                 fast = g.fast_keys[run_id] = all(k in g.unbounded for _, k in res.key_segments)
             if not fast:
                 return False
-        ends[run_id] = end
-    g.next_seq.update(ends)
+        next_ends[run_id] = end
+    g.next_seq.update(next_ends)
     g.leaves.extend(map(raw.__getitem__, map(slice, range(0, len(raw), 32),
                                              range(32, len(raw) + 32, 32))))
     return True

@@ -317,3 +317,28 @@ def test_bulk_pass_declines_a_body_holding_a_newline(tmp_path: Path) -> None:
     problem = _exact_run_file(data, "runs/run-0.jsonl", ctx, True).problem
     assert problem is not None and (problem.code, problem.where) == ("malformed",
                                                                      "runs/run-0.jsonl:2#0")
+
+
+def test_index_block_hashes_only_in_canonical_form() -> None:
+    """The bulk walk of the index proves every ``hashes`` value canonical with whole-block
+    calls (``_block_hashes``); each near miss below must be refused (the line walk then names
+    the line), the canonical form accepted with its hashes in order."""
+    from wakepoint.ledger.global_order import _block_hashes
+
+    h1, h2, h3 = (bytes([i]) * 32 for i in (0xA1, 0xB2, 0xC3))
+    x1, x2, x3 = (h.hex().encode() for h in (h1, h2, h3))
+    good = [b'["' + x1 + b'","' + x2 + b'"]', b'["' + x3 + b'"]']
+    assert _block_hashes(good) == h1 + h2 + h3
+    near_misses = [
+        [b'["' + x1 + x2 + b'",""]'],                   # same digits, other strings
+        [b'["' + x1[:10] + b'","' + x1[10:] + x2 + b'"]'],
+        [b'["' + x1.upper() + b'"]'],                   # one spelling per hash
+        [b'["' + x1 + b'", "' + x2 + b'"]'],            # spacing
+        [b'[["' + x1 + b'"]]'],                         # nested
+        [b"[" + b"1" * 64 + b"]"],                      # a number, not a string
+        [b'["' + x1[:-2] + b'"]'],                      # short
+        [b"[]"], [b'[""]'],
+        [b'["' + x1 + b'"]', b'["' + x2 + b'","' + x3[:-1] + b'"]'],
+    ]
+    for raws in near_misses:
+        assert _block_hashes(raws) is None, raws
