@@ -113,7 +113,8 @@ def check_run_file(path: str, rel: str, ctx: _Ctx, expect_name: bool = True) -> 
     anything it does not accept - damage, a rotation, a torn line - is checked again by the
     exact record-by-record pass, which alone decides the code and position of an error.
     """
-    data = Path(path).read_bytes()
+    with open(path, "rb", buffering=0) as f:  # unbuffered: one read of the whole file
+        data = f.readall()
     fast = _fast_run(data, rel, ctx, expect_name)
     return fast if fast is not None else _exact_run_file(data, rel, ctx, expect_name)
 
@@ -270,11 +271,12 @@ def _bulk_run(data: bytes, rel: str, ctx: _Ctx, expect_name: bool) -> RunResult 
         if not _states_ok(full.counts, full.states, hashes, full.decoded):
             return None
         lines, slots = _positions(full.counts)
+    keys = dict(Counter(keyids))
     segments = [(i, k) for i, k in enumerate(keyids) if not i or keyids[i - 1] != k] \
-        if len(set(keyids)) > 1 else [(0, keyids[0])]
+        if len(keys) > 1 else [(0, keyids[0])]
     return RunResult(
         path=rel, run_id=run_id, log_id=first.log_id, leaves=b"".join(hashes),
-        lines=lines, slots=slots, key_segments=segments, keys=dict(Counter(keyids)),
+        lines=lines, slots=slots, key_segments=segments, keys=keys,
     )
 
 
