@@ -260,6 +260,12 @@ def test_bulk_pass_structs_mirror_the_envelope() -> None:
 
     assert [n for n, _ in shape(_FastEnvelope)] == [n for n, _ in shape(Envelope)]
     assert shape(_FastSignature) == shape(Signature)
+    # The one payload type the bulk pass decodes is the records module's.
+    from typing import get_args
+
+    from wakepoint.ledger.records import PAYLOAD_TYPE
+
+    assert get_args(shape(_FastEnvelope)[0][1]) == (PAYLOAD_TYPE,)
 
 
 def test_bulk_pass_pae_format_is_pae() -> None:
