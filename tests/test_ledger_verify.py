@@ -348,3 +348,35 @@ def test_index_block_hashes_only_in_canonical_form() -> None:
     ]
     for raws in near_misses:
         assert _block_hashes(raws) is None, raws
+
+
+@pytest.mark.parametrize("counts", [[1, 1, 1], [1, 1, 2], [3], [1, 2, 1, 3], [2, 1]])
+def test_bulk_pass_state_check_per_line_shape(counts: list[int]) -> None:
+    """The bulk state check (``_states_ok``) has three ways of pairing lines with their last
+    records (one per line, only the last line longer, any shape); each accepts states built
+    by the rule of ``check_state`` and refuses a state edited in any one line."""
+    import hashlib
+    from types import SimpleNamespace
+
+    from wakepoint.ledger.runfile import _states_ok
+
+    n = sum(counts)
+    hashes = [hashlib.sha256(b"%d" % k).digest() for k in range(n)]
+
+    def tail(k: int) -> bytes:
+        return b',"seq":%d,"head":"%s"}' % (k, hashes[k].hex().encode() if k >= 0 else b"")
+
+    bodies: list[SimpleNamespace] = [SimpleNamespace(state=None) for _ in range(n)]
+    states = []
+    last = -1
+    for line, c in enumerate(counts):
+        last += c
+        prefix = b'{"line":%d,"vars":{"n":%d}' % (line, last)
+        states.append(prefix + tail(last))
+        bodies[last].state = hashlib.sha256(prefix + tail(last - 1)).hexdigest()
+    raw = [msgspec.Raw(s) for s in states]
+    assert _states_ok(counts, raw, hashes, bodies)  # type: ignore[arg-type]
+    for line in range(len(counts)):
+        edited = list(raw)
+        edited[line] = msgspec.Raw(states[line].replace(b'"vars"', b'"varz"'))
+        assert not _states_ok(counts, edited, hashes, bodies)  # type: ignore[arg-type]
