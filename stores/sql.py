@@ -325,19 +325,24 @@ class _Statements:
 
     @staticmethod
     def _pg_claimable(b: Callable[..., Any]) -> Any:
-        """PostgreSQL's claim candidates: overdue waits by deadline, then RUNNING runs oldest
-        first, each kind by an ordered scan of its own index that stops after ``limit``
-        rows.  The single ``status = 'running' OR (... due <= now)`` scan that SQLite uses
-        was planned by PostgreSQL as a sequential scan (or a bitmap of the wait-key index)
+        """PostgreSQL's claim candidates: overdue waits by deadline, then RUNNING runs no one
+        holds oldest first, then RUNNING runs the claimer holds itself; each kind by an
+        ordered scan of an index that stops once ``limit`` rows are found (a kind whose
+        share of the limit is 0 is not scanned at all).
+
+        The single ``status = 'running' OR (... due <= now)`` scan that SQLite uses was
+        planned by PostgreSQL as a sequential scan (or a bitmap of the wait-key index)
         reading every run, finished ones included, on every claim: with 1,000 runs being
-        driven, 0.16 ms per claim and 46-70 buffers, against about 10 buffers here.  Overdue
-        waits come first because their lateness is what a user sees."""
+        driven, 0.16 ms per claim and 46-70 buffers, against about 10 here.  Overdue waits
+        come first because their lateness is what a user sees; the claimer's own runs come
+        last because a worker claims for idle threads and skips the runs it is driving
+        (oldest first, they would otherwise fill the limit and leave the threads idle)."""
         r = WP_RUNS.c
-        lease_free = (r.lease_owner.is_(None) | (r.lease_expires <= b("b_now"))
-                      | (r.lease_owner == b("b_worker")))
+        unheld = r.lease_owner.is_(None) | (r.lease_expires <= b("b_now"))
         due = (
             select(r.run_id)
-            .where(r.status == _WAITING, r.due <= b("b_now"), lease_free)
+            .where(r.status == _WAITING, r.due <= b("b_now"),
+                   unheld | (r.lease_owner == b("b_worker")))
             .order_by(r.due)
             .limit(b("b_limit"))
             .offset(_ZERO)
@@ -345,18 +350,27 @@ class _Statements:
             .cte("due")
             .prefix_with("MATERIALIZED")
         )
-        left = b("b_limit") - select(func.count()).select_from(due).scalar_subquery()
-        running = (
-            select(r.run_id)
-            .where(r.status == _RUNNING, lease_free)
-            .order_by(r.status, r.created_at, r.run_id)  # the index's order
-            .limit(left)
-            .offset(_ZERO)
-            .with_for_update(skip_locked=True)
-            .cte("running")
-            .prefix_with("MATERIALIZED")
-        )
-        return union_all(select(due.c.run_id), select(running.c.run_id)).cte("picked")
+
+        def running(name: str, lease: Any, *before: Any) -> Any:
+            left = b("b_limit")
+            for cte in before:
+                left = left - select(func.count()).select_from(cte).scalar_subquery()
+            return (
+                select(r.run_id)
+                .where(r.status == _RUNNING, lease)
+                .order_by(r.status, r.created_at, r.run_id)  # the index's order
+                .limit(left)
+                .offset(_ZERO)
+                .with_for_update(skip_locked=True)
+                .cte(name)
+                .prefix_with("MATERIALIZED")
+            )
+
+        free = running("free", unheld, due)
+        own = running("own", (r.lease_owner == b("b_worker")) & (r.lease_expires > b("b_now")),
+                      due, free)
+        return union_all(select(due.c.run_id), select(free.c.run_id),
+                         select(own.c.run_id)).cte("picked")
 
     def pg_write(self, head: str, records: int) -> str:
         """PostgreSQL: the run's write ``head`` (``create``, ``update`` or ``state``) and

@@ -248,8 +248,10 @@ def test_postgresql_claims_overdue_waits_first_then_the_oldest_running_runs(
     pg_url: str,
 ) -> None:
     """PostgreSQL's claim reads each kind of candidate in its index's order and stops at
-    ``limit``: overdue waits by deadline first, then RUNNING runs oldest first; runs leased
-    to another worker, finished runs and waits not yet due are passed over."""
+    ``limit``: overdue waits by deadline first, then RUNNING runs no one holds, oldest first,
+    and the claimer's own RUNNING runs last (a worker skips those it is driving, so they must
+    not take the places of runs it could start); runs another worker holds, finished runs
+    and waits not yet due are passed over."""
     store = SqlStore(pg_url, upgrade=True)
     try:
         h = Harness(store)
@@ -265,11 +267,17 @@ def test_postgresql_claims_overdue_waits_first_then_the_oldest_running_runs(
         h.start(TIMER, "t2")
         h.drive("t2")  # due a second after t1
         lease = timedelta(minutes=5)
-        assert [s.run_id for s in store.claim(h.now, "w0", lease, 1)] == ["r1"]
-        later = h.advance(5)  # both timers overdue
-        assert [s.run_id for s in store.claim(later, "w1", lease, 1)] == ["t1"]
-        assert sorted(s.run_id for s in store.claim(later, "w2", lease, 2)) == ["r2", "t2"]
-        assert [s.run_id for s in store.claim(later, "w3", lease, 5)] == ["r3", "r4"]
+
+        def claim(worker: str, limit: int) -> list[str]:
+            return sorted(s.run_id for s in store.claim(h.now, worker, lease, limit))
+
+        assert claim("w0", 1) == ["r1"]
+        assert claim("w0", 1) == ["r2"]  # not its own r1 again while r2 is free
+        h.advance(5)  # both timers overdue
+        assert claim("w1", 1) == ["t1"]
+        assert claim("w2", 2) == ["r3", "t2"]
+        assert claim("w3", 5) == ["r4"]
+        assert claim("w0", 5) == ["r1", "r2"]  # the holder may claim its own runs again
     finally:
         store.close()
 
