@@ -30,11 +30,12 @@ Promises (the contract of ``stores.base``, checked by ``stores.conformance``):
   ``synchronous_commit``).  ``flush`` makes every returned commit durable in any mode.
 * ``claim`` is one statement on both dialects: ``WITH picked AS (SELECT run_id ... LIMIT n
   FOR UPDATE SKIP LOCKED) UPDATE wp_runs SET lease_... WHERE run_id IN picked RETURNING
-  state``.  PostgreSQL skips rows another claimer has locked, and picks in two ordered
-  index scans that stop at ``limit`` (overdue waits by deadline, then RUNNING runs oldest
-  first; see ``_Statements._pg_claimable``); SQLite (which renders no ``FOR UPDATE``) runs
-  one unordered scan inside ``BEGIN IMMEDIATE``, i.e. alone.  Which of more than ``limit``
-  candidates SQLite takes is not specified; the result is sorted oldest first.
+  state``.  PostgreSQL skips rows another claimer has locked, and picks in ordered index
+  scans that stop at ``limit`` (overdue waits by deadline, then RUNNING runs oldest first,
+  the claimer's own last; see ``_Statements._pg_claimable``); SQLite (which renders no
+  ``FOR UPDATE``) runs one unordered scan inside ``BEGIN IMMEDIATE``, i.e. alone.  Which of
+  more than ``limit`` candidates SQLite takes is not specified; the result is sorted oldest
+  first.
   The commit that finishes a run clears its lease in the same ``UPDATE``
   (``releases_finished``): a worker that drove a run to its end skips ``release``.
 * Opening checks the database before writing anything: an empty database, someone else's,
