@@ -45,7 +45,7 @@ Measured on the 2-core development VM while other sessions' test suites and benc
   the LISTEN connection's), 0.65 s CPU in 30 s;
 * scaling: see below.
 
-Scaling, 2026-11-21 09:15-10:05 UTC, ``python benchmarks/bench_worker.py --only scaling``
+Scaling, 2026-11-21 09:15-10:10 UTC, ``python benchmarks/bench_worker.py --only scaling``
 (PostgreSQL 15 from tests/pg.py, fsync on; the store's ``batch`` durability, i.e.
 ``synchronous_commit=off``).  Other sessions kept the load at 1-6 on the 2 cores, so compare
 CPU per transition; wall-clock ratios moved by +-0.3 between rounds of one run.
@@ -67,7 +67,14 @@ CPU per transition; wall-clock ratios moved by +-0.3 between rounds of one run.
   (the prototype, not committed - ``runtime.py`` is not this benchmark's: a ``wait_until``
   already due, with the built-in handler, fires before its request is committed, so the
   request, the firing and the next node are one commit: 6 commits per run instead of 11,
-  the same ledger records).  An earlier pair at load 1.4 (09:39): 1.25x, rounds 1.19-1.50.
+  the same ledger records).  After the claim's last change (a worker's own runs last), at
+  load 2.4-3.4 (10:10):
+
+      this round   0.243 + 0.312 ms / 0.263 + 0.321 ms   1,812 / 2,285 transitions/s   1.26x
+      + prototype  0.254 + 0.217 ms / 0.233 + 0.243 ms   2,800 / 3,711 transitions/s   1.33x
+
+  One worker had 1.0-1.3 cores, two 1.3-1.8: the other sessions held the rest, so these
+  ratios say little.  An earlier pair at load 1.4 (09:39): 1.25x, rounds 1.19-1.50.
 * What bounds the ratio here: ``p`` (PostgreSQL CPU per transition) is 85% the one commit
   statement (~0.18 ms of server CPU: a non-HOT UPDATE of the run's row with its indexes,
   the counter row, the records, the transaction; dropping every secondary index saved only
