@@ -40,9 +40,12 @@ Measured on the 2-core development VM while other sessions' test suites and benc
   again 2026-11-21 07:51 UTC at load average 8, after this round (one-statement commits,
   NOTIFY, the sweep taking the run's lease before re-dispatching): all complete in 56.6 s,
   10,000 call executions for 10,000 keys, every ledger verifies (with ``run.sealed``);
+  again 10:11 UTC at load ~3, after the scaling round (claim order, libpq statements, no
+  release of finished runs): all complete in 36.3 s, 10,000 executions for 10,000 keys;
 * idle: 100,000 waiting runs; worker RSS 55 MB, 2 threads, 0.55 s CPU in 30 s (start-up
   included) - target met; again 2026-11-21 07:55 UTC: RSS 55.4 MB, 3 threads (the third is
-  the LISTEN connection's), 0.65 s CPU in 30 s;
+  the LISTEN connection's), 0.65 s CPU in 30 s; 10:11 UTC (``--idle-runs 20000``): RSS
+  55.5 MB, 3 threads, 0.57 s CPU;
 * scaling: see below.
 
 Scaling, 2026-11-21 09:15-10:10 UTC, ``python benchmarks/bench_worker.py --only scaling``
