@@ -38,6 +38,12 @@ Engine settings per durability mode (``connection hook`` below, one per new DBAP
   at most that window, never corrupt or reorder it.  ``on`` for ``sync``.
 * ``NullPool``: the store keeps one connection per thread itself (``stores.sql``), so a pool
   would only add a layer.
+
+Also here, the pieces of a connection's life the store runs itself: ``SqliteCheckpointer``
+(WAL checkpoints off the commit path), ``DueWatcher`` (PostgreSQL LISTEN), and
+``PgStatement`` (PostgreSQL: a hot statement as a named prepared statement through libpq,
+skipping psycopg's cursor; named prepared statements, like psycopg's own after five
+executions, need a session-pooling or direct connection, not a transaction-pooling proxy).
 """
 
 from __future__ import annotations
