@@ -326,13 +326,18 @@ class PgStatement:
         formats: list[int] = []
         for key in self.names:
             value = params[key]
-            if value is None or isinstance(value, bytes):
-                values.append(value)
+            if value is None or isinstance(value, _BINARY):
+                values.append(None if value is None else bytes(value))
                 formats.append(1)
             else:  # str or int: their text form
                 values.append(str(value).encode())
                 formats.append(0)
-        return _ok(pgconn.exec_prepared(self.name, values, formats, 1), pgconn)
+        result = pgconn.exec_prepared(self.name, values, formats, 1)
+        if result.status not in _SUCCESS and result.error_field(_SQLSTATE) == _NO_STATEMENT:
+            # Someone ran DEALLOCATE (or DISCARD ALL) on this connection: prepare again.
+            _ok(pgconn.prepare(self.name, self.sql), pgconn)
+            result = pgconn.exec_prepared(self.name, values, formats, 1)
+        return _ok(result, pgconn)
 
 
 def int_value(raw: bytes) -> int:
@@ -343,6 +348,13 @@ def int_value(raw: bytes) -> int:
 _SUCCESS = (1, 2)
 """libpq's ``PGRES_COMMAND_OK`` and ``PGRES_TUPLES_OK`` (``psycopg.pq.ExecStatus``)."""
 
+
+_BINARY = (bytes, bytearray, memoryview)
+"""Parameter types sent in binary (as they are); every other value goes as its text."""
+_SQLSTATE = ord("C")
+"""libpq's ``PG_DIAG_SQLSTATE`` (``psycopg.pq.DiagnosticField.SQLSTATE``)."""
+_NO_STATEMENT = b"26000"
+"""SQLSTATE ``invalid_sql_statement_name``: no prepared statement of that name."""
 
 _CONNECTION_BAD = 1
 """libpq's ``CONNECTION_BAD`` (``psycopg.pq.ConnStatus.BAD``)."""

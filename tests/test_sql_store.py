@@ -284,8 +284,9 @@ def test_postgresql_claims_overdue_waits_first_then_the_oldest_running_runs(
 
 def test_pg_statement_runs_through_libpq_with_psycopg_errors(pg_url: str) -> None:
     """``PgStatement``: ``%(name)s`` parameters (a name used twice is one parameter) go as
-    text (str, int) or binary (bytes, None); results come back binary; a failing statement
-    raises psycopg's exception class for its SQLSTATE, and the statement stays usable."""
+    text (str, int) or binary (bytes-like, None); results come back binary; a failing
+    statement raises psycopg's exception class for its SQLSTATE, and the statement stays
+    usable, also after the connection's prepared statements were deallocated."""
     import psycopg
     from wakepoint.stores.sql_engine import PgStatement, int_value
 
@@ -307,6 +308,11 @@ def test_pg_statement_runs_through_libpq_with_psycopg_errors(pg_url: str) -> Non
             echo.run(conn, prepared, {"n": 1, "s": "", "b": b"", "z": None, "d": 0})
         again = echo.run(conn, prepared, {"n": 1, "s": "", "b": b"", "z": None, "d": 1})
         assert int_value(again.get_value(0, 4)) == 10
+        conn.execute("DEALLOCATE ALL")  # as a pooler's DISCARD ALL would: prepared again
+        after = echo.run(conn, prepared, {"n": 2, "s": "", "b": bytearray(b"\x07"),
+                                          "z": None, "d": 2})
+        assert int_value(after.get_value(0, 0)) == 4
+        assert after.get_value(0, 2) == b"\x07"
     finally:
         conn.close()
 
