@@ -251,11 +251,15 @@ def _bulk_run(data: bytes, rel: str, ctx: _Ctx, expect_name: bool) -> RunResult 
     if expect_name and Path(rel).stem != _file_name(run_id):
         return None
     hashes = _leaf_hashes(bodies)
-    hexes = list(map(bytes.hex, hashes))
+    leaves = b"".join(hashes)
     kinds = list(map(_get_kind, decoded_bodies))
+    # The links, compared as one string: every prev 64 characters long, so the joined
+    # strings are equal only when each prev is its predecessor's hash (or the genesis).
+    prevs = list(map(_get_prev, decoded_bodies))
     if (
         list(map(_get_seq, decoded_bodies)) != list(range(n))
-        or list(map(_get_prev, decoded_bodies)) != [genesis(log_id, run_id), *hexes[:-1]]
+        or set(map(len, prevs)) != {64}
+        or "".join(prevs) != genesis(log_id, run_id) + leaves[:-32].hex()
         or set(map(_get_run_id, decoded_bodies)) != {run_id}
         or set(map(_get_log_id, decoded_bodies)) != {log_id}
         or (full is not None and list(map(_get_key_id, decoded_bodies)) != keyids)
@@ -272,7 +276,7 @@ def _bulk_run(data: bytes, rel: str, ctx: _Ctx, expect_name: bool) -> RunResult 
     segments = [(i, k) for i, k in enumerate(keyids) if not i or keyids[i - 1] != k] \
         if len(keys) > 1 else [(0, keyids[0])]
     return RunResult(
-        path=rel, run_id=run_id, log_id=first.log_id, leaves=b"".join(hashes),
+        path=rel, run_id=run_id, log_id=first.log_id, leaves=leaves,
         lines=lines, slots=slots, key_segments=segments, keys=keys,
     )
 

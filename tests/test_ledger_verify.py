@@ -380,3 +380,38 @@ def test_bulk_pass_state_check_per_line_shape(counts: list[int]) -> None:
         edited = list(raw)
         edited[line] = msgspec.Raw(states[line].replace(b'"vars"', b'"varz"'))
         assert not _states_ok(counts, edited, hashes, bodies)  # type: ignore[arg-type]
+
+
+def test_chain_links_are_compared_one_by_one(tmp_path: Path) -> None:
+    """The bulk pass compares all links as one joined string; a prev two characters short
+    followed by one two characters long joins to the same string, so the length of every
+    prev must be checked too: the run is refused at the short link (chain mode, where bodies
+    are not signed and such a run can be written)."""
+    import base64
+    import hashlib
+
+    led = interleaved(tmp_path, 2)
+    led.close()
+    path = tmp_path / "runs" / "run-0.jsonl"
+    lines = path.read_bytes().split(b"\n")[:-1]
+    docs = [msgspec.json.decode(line) for line in lines]
+    where = [(n, slot) for n, d in enumerate(docs) for slot in range(len(d["records"]))]
+    payloads = [env["payload"] for d in docs for env in d["records"]]
+    assert len(payloads) >= 4
+    bodies = [base64.b64decode(p) for p in payloads]
+    carry = ""  # the two characters moved from link 2 to link 3
+    for k in range(2, len(bodies)):
+        want = hashlib.sha256(b"\x00" + bodies[k - 1]).hexdigest()
+        new_prev = want[:-2] if k == 2 else carry + want if k == 3 else want
+        carry = want[-2:] if k == 2 else ""
+        old_prev = msgspec.json.decode(bodies[k])["prev"]
+        bodies[k] = bodies[k].replace(b'"prev":"%s"' % old_prev.encode(),
+                                      b'"prev":"%s"' % new_prev.encode())
+        n = where[k][0]
+        lines[n] = lines[n].replace(payloads[k].encode(), base64.b64encode(bodies[k]))
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    report = verify(tmp_path, TrustRoot([]), mode="chain")
+    assert report.error is not None
+    line, slot = where[2]
+    assert (report.error.code, report.error.where) == ("prev_mismatch",
+                                                       f"runs/run-0.jsonl:{line + 1}#{slot}")
