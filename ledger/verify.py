@@ -72,9 +72,10 @@ checkpoints and no co-signatures.
 Speed: signatures are checked through libsodium's ``crypto_sign_ed25519_verify_detached``
 (no copy of the message) when PyNaCl's bundled library exports it, else through
 ``crypto_sign_open``; a sound run file is checked by a bulk pass whose per-record work is
-C-level ``map``s (one JSON decode of the file, the signatures back to back), and index blocks
-between checkpoints likewise; anything the bulk passes do not accept is checked again record
-by record, which alone decides codes and positions.  ``processes > 1`` verifies run files in
+C-level ``map``s (one decode of the file's lines and one encode back to prove their exact
+form, the signatures back to back), and index blocks between checkpoints likewise; anything
+the bulk passes do not accept is checked again record by record, which alone decides codes
+and positions.  ``processes > 1`` verifies run files in
 worker processes.
 
 Layout.  This module is the entry point: ``verify`` dispatches on the source and runs the
