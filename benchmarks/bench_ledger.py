@@ -33,7 +33,11 @@ index).  The last run (load average 2.4 at the start and at the end, 10:06 UTC):
 Two earlier runs of the same command after most of the changes (load 3.0 -> 3.9 and
 4.7 -> 5.4): ed25519 16,083 and 15,974 per CPU-second; full 13,194 and 13,551 per
 CPU-second (13,504 and 6,767 records/s wall: the other vCPU's load); 2 processes 1.83x and
-1.94x; chain 308,549 and 308,250 per CPU-second (297,134 and 314,263 records/s).
+1.94x; chain 308,549 and 308,250 per CPU-second (297,134 and 314,263 records/s).  A run
+after the last change (10:14, load 2.1 -> 3.1): full 13,601 per CPU-second, 8.68 us without
+signatures, chain 310,397 records/s (312,157 per CPU-second); 2 processes 1.04x - the other
+vCPU was busy with other sessions' work in that round, and a second process only pays off
+with a free core.
 
 A/B against the code before this session's work (c722305), same ledger, alternating
 processes in the same minutes (load 3.3), best per CPU-second: full 13,291 -> 13,852 (+4.2%),
