@@ -48,7 +48,7 @@ Measured on the 2-core development VM while other sessions' test suites and benc
   55.5 MB, 3 threads, 0.57 s CPU;
 * scaling: see below.
 
-Scaling, 2026-11-21 09:15-10:10 UTC, ``python benchmarks/bench_worker.py --only scaling``
+Scaling, 2026-11-21 09:15-10:20 UTC, ``python benchmarks/bench_worker.py --only scaling``
 (PostgreSQL 15 from tests/pg.py, fsync on; the store's ``batch`` durability, i.e.
 ``synchronous_commit=off``).  Other sessions kept the load at 1-6 on the 2 cores, so compare
 CPU per transition; wall-clock ratios moved by +-0.3 between rounds of one run.
@@ -75,6 +75,13 @@ CPU per transition; wall-clock ratios moved by +-0.3 between rounds of one run.
 
       this round   0.243 + 0.312 ms / 0.263 + 0.321 ms   1,812 / 2,285 transitions/s   1.26x
       + prototype  0.254 + 0.217 ms / 0.233 + 0.243 ms   2,800 / 3,711 transitions/s   1.33x
+
+  And at load 1.4-3.6 (10:18), with a second prototype on top (the worker hands
+  ``recover_run`` the state its claim returned, and ``recover_run`` returns the state its
+  drive committed instead of reading it back: 2 reads fewer per run):
+
+      this round   0.249 + 0.317 ms / 0.268 + 0.335 ms   1,801 / 2,267 transitions/s   1.26x
+      + both       0.208 + 0.220 ms / 0.213 + 0.226 ms   2,401 / 3,209 transitions/s   1.34x
 
   One worker had 1.0-1.3 cores, two 1.3-1.8: the other sessions held the rest, so these
   ratios say little.  An earlier pair at load 1.4 (09:39): 1.25x, rounds 1.19-1.50.
