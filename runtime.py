@@ -406,7 +406,9 @@ class Runtime:
     def _serves(self, state: RunState) -> bool:
         return state.workflow in self._workflows
 
-    def recover_run(self, run_id: str, *, redispatch: bool = False) -> RunState:
+    def recover_run(
+        self, run_id: str, *, redispatch: bool = False, state: RunState | None = None
+    ) -> RunState:
         """Do for one run what ``recover()`` does for all; return its state afterwards.
 
         A RUNNING run is driven on; a WAITING run whose deadline has passed times out (its
@@ -418,9 +420,12 @@ class Runtime:
         Meant for workers, which call it for runs they claimed: unlike the other public
         methods it takes no runtime-wide lock, so that one runtime can drive several runs at
         once; concurrent drives of one run are resolved by the store's seq check, as between
-        processes.
+        processes.  ``state``: the run's state as the claim returned it (saves a read; a
+        commit since then makes this drive's first commit conflict, and the run is left to
+        whoever made it).
         """
-        state = self.store.load(run_id)
+        if state is None:
+            state = self.store.load(run_id)
         if not self._serves(state):
             return state
         queue: deque[_Work] = deque()
@@ -441,8 +446,27 @@ class Runtime:
                                 workflow=state.workflow, node=state.node, step=state.step,
                                 error=str(exc))
                 return state
+        if len(queue) == 1:
+            # Driving this run alone: what the drive committed last is the run's state (no
+            # read back), unless it touched other runs (a parent, a child) or lost a race.
+            last = self._run_one(queue)
+            if last is not None and last.run_id == run_id and not queue:
+                return last
         self._run_queue(queue, tolerant=True)
         return self.store.load(run_id)
+
+    def _run_one(self, queue: deque[_Work]) -> RunState | None:
+        """Drive the first queued run, logging (not raising) why it cannot advance; its last
+        committed state (None: it could not advance, or another process took it over)."""
+        work = queue.popleft()
+        try:
+            return self._advance(work, queue)
+        except WakepointError as exc:
+            state = work[1].state if work[1] is not None else work[0]
+            assert state is not None
+            self._log.error("run.stuck", run_id=state.run_id, workflow=state.workflow,
+                            node=state.node, step=state.step, error=str(exc))
+            return None
 
     def wake_due(self, now: datetime | None = None) -> builtins.list[RunState]:
         """Fire every timer and deadline that is due at ``now``; return the runs' new states."""
@@ -635,17 +659,10 @@ class Runtime:
         (recovery), instead of raising to the caller who asked for that run (start, resume).
         """
         while queue:
-            work = queue.popleft()
-            if not tolerant:
-                self._advance(work, queue)
-                continue
-            try:
-                self._advance(work, queue)
-            except WakepointError as exc:
-                state = work[1].state if work[1] is not None else work[0]
-                assert state is not None
-                self._log.error("run.stuck", run_id=state.run_id, workflow=state.workflow,
-                                node=state.node, step=state.step, error=str(exc))
+            if tolerant:
+                self._run_one(queue)
+            else:
+                self._advance(queue.popleft(), queue)
 
     def _advance(
         self, work: _Work, queue: deque[_Work], *, strict: bool = False

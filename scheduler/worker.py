@@ -353,7 +353,8 @@ class Worker:
                 event = "wake"
                 self.stats["wake"] += 1
             log.info(event, node=state.node, step=state.step)
-            finished = self.runtime.recover_run(run_id, redispatch=redispatch).status.finished
+            finished = self.runtime.recover_run(
+                run_id, redispatch=redispatch, state=state).status.finished
         except Exception as exc:  # a store failure or a bug: log it, keep the worker alive
             log.exception("run.failed", error=str(exc))
         finally:

@@ -391,6 +391,45 @@ def test_recovered_states_are_returned(env: Any) -> None:
     assert rt.recover() == []
 
 
+def test_recover_run_drives_the_claimed_state_without_reading_it(env: Any) -> None:
+    """A worker passes the state its claim returned: the run is driven from it, and the
+    state the drive committed last is returned - the store is not read for this run."""
+    charger = Charger()
+    crashing = env.open([pipeline], {"charge": charger}, crash=running_at("charge"),
+                        after=True)
+    with pytest.raises(env.Crash):
+        crashing.start(pipeline, 7, run_id="p1")
+    later = env.open([pipeline], {"charge": charger})
+    claimed = later.get("p1")
+    reads: list[str] = []
+    load = later.store.load
+    later.store.load = lambda run_id: reads.append(run_id) or load(run_id)
+    state = later.recover_run("p1", state=claimed)
+    assert state.status is Status.COMPLETED and state.output == {"receipt": "receipt-7"}
+    assert reads == []
+    assert state == load("p1")
+    env.check_ledger(later, "p1")
+
+
+def test_recover_run_with_a_stale_claimed_state_leaves_the_run_to_its_writer(
+    env: Any,
+) -> None:
+    """The run moved on after the claim read it: the drive's first commit conflicts, nothing
+    is written twice, and the stored state is returned."""
+    charger = Charger()
+    crashing = env.open([pipeline], {"charge": charger}, crash=running_at("charge"),
+                        after=True)
+    with pytest.raises(env.Crash):
+        crashing.start(pipeline, 7, run_id="p1")
+    later = env.open([pipeline], {"charge": charger})
+    stale = later.get("p1")
+    env.open([pipeline], {"charge": charger}).recover()  # another process finishes it
+    state = later.recover_run("p1", state=stale)
+    assert state.status is Status.COMPLETED
+    assert charger.keys == ["p1:3"]  # the stale drive's commit of its request lost the race
+    env.check_ledger(later, "p1")
+
+
 # --- the embedded default's key file -------------------------------------------------------
 
 
