@@ -401,7 +401,11 @@ def _exact_run_file(data: bytes, rel: str, ctx: _Ctx, expect_name: bool) -> RunR
             if p is not None:
                 return chk.result(p, torn)
     if number == 0 and torn is None:
-        return chk.result(chk.problem("malformed", 1, None, "an empty run file"), None)
+        # An empty file is not a run: the JSONL store makes a run's file empty to lock it
+        # before its first line, so a crash or a power loss can leave one behind (the store
+        # treats it as a create that never returned).  It holds no record to verify; records
+        # the index lists for it are the index walk's to report (``index_mismatch``).
+        return chk.result(None, None)
     return chk.result(chk.finish(number), torn)
 
 

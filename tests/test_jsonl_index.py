@@ -128,6 +128,13 @@ def _lose_power(tmp_path: Path, defer: bool) -> Any:
     return _verify(root, signer, log_id), states
 
 
+def test_a_power_loss_leaves_a_ledger_that_recover_makes_verify(tmp_path: Path) -> None:
+    report, states = _lose_power(tmp_path, defer=True)
+    assert report.ok, report.error
+    assert {f"early-{i}" for i in range(3)} <= set(states)
+    assert states["asked"] == "waiting"  # its answer was lost with the power; it asks again
+
+
 def test_the_same_power_loss_with_index_lines_written_at_once_breaks_the_ledger(
     tmp_path: Path,
 ) -> None:
@@ -177,3 +184,19 @@ def test_an_unclosed_store_lists_its_waiting_records_at_exit(tmp_path: Path) -> 
     subprocess.run([sys.executable, "-c", script], check=True, timeout=60,
                    env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert _index_leaves(root) == [("left-open", s) for s in range(4)]
+
+
+def test_an_indexed_run_whose_file_was_emptied_does_not_verify(tmp_path: Path) -> None:
+    """An empty run file is not a run (a create that never wrote, left by a crash): it
+    verifies as nothing.  But emptying the file of a run the index lists is caught."""
+    signer = Signer.generate()
+    with Runtime(JsonlStore(tmp_path / "s"), [linear], signer=signer) as rt:
+        rt.start(linear, run_id="kept")
+        rt.start(linear, run_id="emptied")
+        log_id = rt.store.log_id
+    (tmp_path / "s" / "runs" / "never-written.jsonl").touch()
+    assert _verify(tmp_path / "s", signer, log_id).ok
+    (tmp_path / "s" / "runs" / "emptied.jsonl").write_bytes(b"")
+    report = _verify(tmp_path / "s", signer, log_id)
+    assert not report.ok and report.error.code == "index_mismatch"
+    assert report.error.run_id == "emptied"
