@@ -1058,6 +1058,8 @@ class JsonlStore:
                 waiting = [(run, run.leaf_seq, len(run.leaves))
                            for run in self._unindexed.values()]
                 self._unindexed = {}
+                for run, _, _ in waiting:
+                    run.users += 1  # pinned: an eviction must not close the fd we lock by
             if todo or dir_dirty:
                 self._sync_files(todo, dir_dirty)
             return self._index_waiting(waiting)
@@ -1127,6 +1129,8 @@ class JsonlStore:
             with self._lock:
                 for run in retry:
                     self._unindexed.setdefault(run.run_id, run)
+                for run, _, _ in waiting:
+                    run.users -= 1
                 if waiting and len(self._runs) > self._max_open:
                     self._evict()  # the fds kept open only for their waiting leaves
         return wrote
