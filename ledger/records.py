@@ -74,8 +74,13 @@ class Envelope(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     signatures: list[Signature]
 
 
-class Record(msgspec.Struct, frozen=True, kw_only=True):
-    """A signed record held in memory: the envelope plus what the chain needs of the body."""
+class Record(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """A signed record held in memory: the envelope plus what the chain needs of the body.
+
+    ``gc=False``: a record holds only strings, bytes, ints and a tuple of signatures (the
+    same), so it can never be part of a reference cycle; the memory store keeps every record,
+    and untracked they cost the garbage collector's full passes nothing.
+    """
 
     run_id: str
     seq: int
@@ -151,10 +156,13 @@ def sign_entries(
                 state=entry.state,
             )
         )
-        prev = record_hash(body)
+        # ``record_hash`` and ``pae`` inline: this loop runs once per committed transition.
+        h = _LEAF_PREFIX.copy()
+        h.update(body)
+        prev = h.hexdigest()
         records.append(
             Record(run_id=state.run_id, seq=seq, key_id=signer.key_id, body=body,
-                   sig=signer.sign(pae(body)), hash=prev)
+                   sig=signer.sign(b"%s%d %s" % (_PAE_PREFIX, len(body), body)), hash=prev)
         )
     return msgspec.structs.replace(state, seq=seq, head=prev), records
 
