@@ -536,8 +536,10 @@ def test_a_busy_worker_spares_the_store_and_the_alarm(
     _wait_for(lambda: len(rt.list(status=Status.COMPLETED)) == 30)
     assert worker.stats["resume"] == 30
     assert calls["release"] == 0
-    assert calls["next_deadline"] <= 3, calls  # at start-up (and a round racing it)
-    assert calls["arm"] <= 3, calls  # for the poll
+    # At start-up, the poll, and rounds racing them - a few, never one per claim round (30
+    # runs, 2 threads: 15 rounds and more).  A bound of 3 failed once on a loaded machine.
+    assert calls["next_deadline"] <= 6, calls
+    assert calls["arm"] <= 6, calls
 
 
 def test_a_deadline_already_due_from_a_client_thread_is_claimed_at_once(
