@@ -28,8 +28,8 @@ from .trust import TrustRoot
 STARTED = "run.started"
 
 
-class _Chain(msgspec.Struct, frozen=True):
-    """The body fields the chain checks need (lenient: used by ``chain`` mode)."""
+class _ChainFields(msgspec.Struct, frozen=True):
+    """Only what the bulk pass of chain mode reads (decoding fewer fields is faster)."""
 
     log_id: str
     run_id: str
@@ -37,6 +37,11 @@ class _Chain(msgspec.Struct, frozen=True):
     prev: str
     kind: str
     key_id: str
+
+
+class _Chain(_ChainFields, frozen=True):
+    """The body fields the chain checks need (lenient: used by ``chain`` mode)."""
+
     key: str | None = None
     state: str | None = None
 

@@ -40,23 +40,12 @@ from .runcheck import (
     RunResult,
     _body_encoder,
     _body_strict,
+    _ChainFields,
     _Ctx,
     _file_name,
     _RunChecker,
 )
 from .sigverify import verify_all
-
-
-class _ChainFields(msgspec.Struct, frozen=True):
-    """Only what the bulk pass of chain mode reads (decoding fewer fields is faster)."""
-
-    log_id: str
-    run_id: str
-    seq: int
-    prev: str
-    kind: str
-    key_id: str
-
 
 _body_chain_fields = msgspec.json.Decoder(_ChainFields)
 

@@ -676,17 +676,8 @@ class SqlStore:
             if not self._write_pg("create", params, records):
                 raise RunExists(state.run_id)
         else:
-            cursor = self._begin()
-            try:
-                cursor.execute(self._sql.create, params)
-                if cursor.rowcount != 1:
-                    raise RunExists(state.run_id)
-                self._append(cursor, records)
-            except BaseException as exc:
-                self._abort(cursor, exc)
-                raise
-            self._end(cursor)
-            self._committed()
+            self._write_sqlite(self._sql.create, params, records, lambda cursor: RunExists(
+                state.run_id))
         self._wrote(state.run_id, state.seq, indexed)
         self._cached(state)
 
@@ -707,27 +698,38 @@ class SqlStore:
             if not self._write_pg(head, params, records):
                 self._refuse(run_id, expected_seq, self._cursor())
         else:
-            cursor = self._begin()
-            try:
-                cursor.execute(self._sql.heads[head], params)
-                if cursor.rowcount != 1:
-                    self._refuse(run_id, expected_seq, cursor)
-                self._append(cursor, records)
-            except BaseException as exc:
-                self._abort(cursor, exc)
-                raise
-            self._end(cursor)
-            self._committed()
+            self._write_sqlite(self._sql.heads[head], params, records,
+                               lambda cursor: self._refusal(run_id, expected_seq, cursor))
         self._wrote(run_id, state.seq, indexed)
         self._cached(state)
 
+    def _write_sqlite(self, sql: str, params: Mapping[str, Any], records: Sequence[Record],
+                      refusal: Callable[[Any], Exception]) -> None:
+        """SQLite: write the run's row and its records in one transaction; when the row's
+        statement matched no row, roll back and raise ``refusal(cursor)``."""
+        cursor = self._begin()
+        try:
+            cursor.execute(sql, params)
+            if cursor.rowcount != 1:
+                raise refusal(cursor)
+            self._append(cursor, records)
+        except BaseException as exc:
+            self._abort(cursor, exc)
+            raise
+        self._end(cursor)
+        self._committed()
+
     def _refuse(self, run_id: str, expected_seq: int, cursor: Any) -> NoReturn:
         """The run's write matched no row: ``RunNotFound`` or ``ConflictError``."""
+        raise self._refusal(run_id, expected_seq, cursor)
+
+    def _refusal(self, run_id: str, expected_seq: int, cursor: Any) -> Exception:
+        """Why the run's write matched no row: ``RunNotFound`` or ``ConflictError``."""
         cursor.execute(self._sql.seq, {"b_run_id": run_id})
         row = cursor.fetchone()
         if row is None:
-            raise RunNotFound(run_id)
-        raise ConflictError(run_id, expected_seq, int(row[0]))
+            return RunNotFound(run_id)
+        return ConflictError(run_id, expected_seq, int(row[0]))
 
     def _write_pg(self, head: str, params: dict[str, Any], records: Sequence[Record]) -> bool:
         """Run one of PostgreSQL's one-statement writes (autocommit: the statement is the

@@ -391,15 +391,21 @@ def test_recovered_states_are_returned(env: Any) -> None:
     assert rt.recover() == []
 
 
-def test_recover_run_drives_the_claimed_state_without_reading_it(env: Any) -> None:
-    """A worker passes the state its claim returned: the run is driven from it, and the
-    state the drive committed last is returned - the store is not read for this run."""
-    charger = Charger()
+def _left_running_at_charge(env: Any, charger: Charger) -> Runtime:
+    """Run ``p1`` crashes right after committing RUNNING at ``charge``; the next process."""
     crashing = env.open([pipeline], {"charge": charger}, crash=running_at("charge"),
                         after=True)
     with pytest.raises(env.Crash):
         crashing.start(pipeline, 7, run_id="p1")
-    later = env.open([pipeline], {"charge": charger})
+    later: Runtime = env.open([pipeline], {"charge": charger})
+    return later
+
+
+def test_recover_run_drives_the_claimed_state_without_reading_it(env: Any) -> None:
+    """A worker passes the state its claim returned: the run is driven from it, and the
+    state the drive committed last is returned - the store is not read for this run."""
+    charger = Charger()
+    later = _left_running_at_charge(env, charger)
     claimed = later.get("p1")
     reads: list[str] = []
     load = later.store.load
@@ -417,11 +423,7 @@ def test_recover_run_with_a_stale_claimed_state_leaves_the_run_to_its_writer(
     """The run moved on after the claim read it: the drive's first commit conflicts, nothing
     is written twice, and the stored state is returned."""
     charger = Charger()
-    crashing = env.open([pipeline], {"charge": charger}, crash=running_at("charge"),
-                        after=True)
-    with pytest.raises(env.Crash):
-        crashing.start(pipeline, 7, run_id="p1")
-    later = env.open([pipeline], {"charge": charger})
+    later = _left_running_at_charge(env, charger)
     stale = later.get("p1")
     env.open([pipeline], {"charge": charger}).recover()  # another process finishes it
     state = later.recover_run("p1", state=stale)
