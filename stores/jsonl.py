@@ -448,6 +448,10 @@ class JsonlStore:
         # durable (see "Global order"); run id -> the run whose ``leaves`` wait.
         self._defer = self._batch
         self._unindexed: dict[str, _Run] = {}
+        # Held by the flusher while it holds run locks to list their leaves: a ``claim`` or
+        # ``take`` that finds a run locked retries it under this lock, so this store's own
+        # flusher never makes it skip a run (only a real writer does).
+        self._index_lock = threading.Lock()
         # Created with the store, so that a store's ledger always has its global order: a
         # verifier that finds no index.jsonl can then tell it was removed.
         self._index()
@@ -1062,7 +1066,8 @@ class JsonlStore:
                     run.users += 1  # pinned: an eviction must not close the fd we lock by
             if todo or dir_dirty:
                 self._sync_files(todo, dir_dirty)
-            return self._index_waiting(waiting)
+            with self._index_lock:
+                return self._index_waiting(waiting)
 
     def _sync_files(self, todo: list[tuple[int | None, str]], dir_dirty: bool) -> None:
         if self._syncfs is not None and len(todo) >= _SYNCFS_MIN:
@@ -1366,25 +1371,42 @@ class JsonlStore:
         its file is gone): the ``SKIP LOCKED`` of ``claim`` and ``take``."""
         run = self._checkout(run_id)
         try:
-            if not run.mutex.acquire(blocking=False):
+            if self._try_lock(run):
+                try:
+                    yield run
+                finally:
+                    self._unlock_run(run)
+                    run.mutex.release()
+                return
+            if not self._batch:
                 yield None
                 return
-            try:
-                try:
-                    locked = self._lock_run(run, blocking=False)
-                except RunNotFound:
-                    locked = False
-                if not locked:
+            # Perhaps only this store's flusher held it, listing its leaves: retry once that
+            # pass is over, holding off the next one (it never waits for a run while it
+            # holds the index lock, so this cannot deadlock).
+            with self._index_lock:
+                if not self._try_lock(run):
                     yield None
                     return
                 try:
                     yield run
                 finally:
                     self._unlock_run(run)
-            finally:
-                run.mutex.release()
+                    run.mutex.release()
         finally:
             self._checkin(run)
+
+    def _try_lock(self, run: _Run) -> bool:
+        """Take the run's mutex and file lock without waiting; whether both were taken."""
+        if not run.mutex.acquire(blocking=False):
+            return False
+        try:
+            locked = self._lock_run(run, blocking=False)
+        except RunNotFound:
+            locked = False
+        if not locked:
+            run.mutex.release()
+        return locked
 
     def _lease_if_free(
         self, run: _Run, worker: str, lease: timedelta, now: datetime
@@ -1404,6 +1426,8 @@ class JsonlStore:
 
         A run another thread or process is writing at this moment is skipped, not waited
         for (like ``SKIP LOCKED``); its state is re-read under the lock before it is leased.
+        A run held only by this store's flusher is waited for (``_try_locked``); another
+        process's flusher holding it makes it wait for the next claim round.
         """
         self._raise_error()
         candidates = [s for s in self._refresh() if needs_worker(s, now)]

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -200,3 +202,43 @@ def test_an_indexed_run_whose_file_was_emptied_does_not_verify(tmp_path: Path) -
     report = _verify(tmp_path / "s", signer, log_id)
     assert not report.ok and report.error.code == "index_mismatch"
     assert report.error.run_id == "emptied"
+
+
+class GateStore(JsonlStore):
+    """Holds its flush inside the index write, with the waiting runs' locks taken."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+        super().__init__(*args, **kwargs)
+
+    def _list_waiting(self, taken: Any) -> bool:
+        self.entered.set()
+        assert self.gate.wait(10)
+        return super()._list_waiting(taken)
+
+
+def test_the_stores_own_flusher_never_makes_a_claim_skip_a_run(tmp_path: Path) -> None:
+    """A run locked only by this store's flusher (listing its leaves) is waited for, not
+    skipped: ``take``/``claim`` skip runs a *writer* holds.  CI once saw a claim miss a
+    run because the flusher held it at that moment."""
+    store = GateStore(tmp_path / "s", **_QUIET)
+    rt = Runtime(store, [approval], signer=Signer.generate(), checkpoints=False)
+    rt.start(approval, run_id="a1")  # waits for its answer; its index line waits for a sync
+    flusher = threading.Thread(target=store.flush)
+    flusher.start()
+    assert store.entered.wait(10)  # the flush holds a1's lock now
+    got: list[bool] = []
+    lease = timedelta(minutes=1)
+    taker = threading.Thread(
+        target=lambda: got.append(store.take("a1", "w1", lease, datetime.now(UTC)))
+    )
+    taker.start()
+    taker.join(0.3)
+    assert got == []  # waiting for the flush, not skipping the run
+    store.gate.set()
+    taker.join(10)
+    flusher.join(10)
+    assert got == [True]
+    assert _index_leaves(store.path)  # the flush listed the records meanwhile
+    store.close()
