@@ -561,11 +561,15 @@ class JsonlStore:
                     raise RunNotFound(run.run_id) from None
         return run.fd
 
-    def _lock_run(self, run: _Run, *, blocking: bool = True, create: bool = False) -> bool:
+    def _lock_run(
+        self, run: _Run, *, blocking: bool = True, create: bool = False, own: bool = True
+    ) -> bool:
         """Take the run's file lock unless this thread holds it; caller holds ``run.mutex``.
 
         The lock is ``flock(2)`` on the run file itself (see the module docstring).  Without
-        ``blocking`` a run locked elsewhere returns False at once.
+        ``blocking`` a run locked elsewhere returns False at once.  ``own=False`` (the
+        flusher, listing leaves for a moment) leaves ``owner`` unset: ``owner`` names a thread
+        that drives the run, which ``renew`` may answer for without waiting.
         """
         if run.depth == 0:
             fd = self._open_run(run, create=create)
@@ -573,7 +577,8 @@ class JsonlStore:
                 fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 return False
-            run.owner = threading.get_ident()
+            if own:
+                run.owner = threading.get_ident()
         run.depth += 1
         return True
 
@@ -1113,7 +1118,7 @@ class JsonlStore:
                 if run.leaf_seq != first or len(run.leaves) < count:
                     run.mutex.release()
                     continue
-                if not self._lock_run(run, blocking=False):
+                if not self._lock_run(run, blocking=False, own=False):
                     run.mutex.release()
                     retry.append(run)
                     continue

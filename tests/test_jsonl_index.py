@@ -242,3 +242,30 @@ def test_the_stores_own_flusher_never_makes_a_claim_skip_a_run(tmp_path: Path) -
     assert got == [True]
     assert _index_leaves(store.path)  # the flush listed the records meanwhile
     store.close()
+
+
+def test_a_renew_during_a_flush_waits_and_extends_the_lease(tmp_path: Path) -> None:
+    """``renew`` answers without rewriting only while a *driving* thread holds the run; a
+    run held by the flusher for a moment is waited for and its lease really extended."""
+    store = GateStore(tmp_path / "s", **_QUIET)
+    rt = Runtime(store, [approval], signer=Signer.generate(), checkpoints=False)
+    rt.start(approval, run_id="a1")
+    t0 = datetime.now(UTC)
+    assert store.take("a1", "w1", timedelta(seconds=10), t0)
+    flusher = threading.Thread(target=store.flush)
+    flusher.start()
+    assert store.entered.wait(10)
+    got: list[bool] = []
+    renewer = threading.Thread(
+        target=lambda: got.append(store.renew("a1", "w1", timedelta(hours=1), t0))
+    )
+    renewer.start()
+    renewer.join(0.3)
+    assert got == []  # waiting for the flush
+    store.gate.set()
+    renewer.join(10)
+    flusher.join(10)
+    assert got == [True]
+    # The lease now runs an hour: another worker cannot take the run a minute later.
+    assert not store.take("a1", "w2", timedelta(seconds=10), t0 + timedelta(minutes=1))
+    store.close()
