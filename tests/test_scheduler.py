@@ -11,7 +11,10 @@ from wakepoint.scheduler import Alarm, Schedule, run_id_for
 
 
 def test_alarm_rings_at_the_armed_time() -> None:
-    """An armed alarm rings once, within a few milliseconds after the armed time."""
+    """An armed alarm rings once, soon after the armed time (never before it).  Usually a
+    few milliseconds; the bound is loose (250 ms) because the suite shares two cores with
+    parallel tests - it still tells an alarm that rings at its time from one that polls.
+    The lateness figure itself is bench_worker.py's, on a quiet machine."""
     rang: list[datetime] = []
     done = threading.Event()
     alarm = Alarm(lambda: (rang.append(datetime.now(UTC)), done.set()))
@@ -21,7 +24,7 @@ def test_alarm_rings_at_the_armed_time() -> None:
         alarm.arm(at)
         assert alarm.armed_for == at
         assert done.wait(2)
-        assert timedelta(0) <= rang[0] - at < timedelta(milliseconds=50)
+        assert timedelta(0) <= rang[0] - at < timedelta(milliseconds=250)
         time.sleep(0.1)
         assert len(rang) == 1
         assert alarm.armed_for is None

@@ -95,7 +95,8 @@ def test_timers_created_by_another_process_are_caught_by_the_poll(
     jsonl: str, workers: list[Worker]
 ) -> None:
     """A timer another process creates (another Runtime on the same directory) fires
-    at the latest one poll interval after it is due."""
+    about one poll interval (0.3 s) after it is due at the latest - the worker's alarm
+    never hears of it.  The bound allows 0.7 s of scheduling delay on a loaded machine."""
     worker_rt = Runtime(jsonl, [timer_wf])
     _run(Worker(worker_rt, poll=0.3), workers)
     client = Runtime(jsonl, [timer_wf])
@@ -103,7 +104,7 @@ def test_timers_created_by_another_process_are_caught_by_the_poll(
     _wait_for(lambda: client.get("other").status is Status.COMPLETED, timeout=5)
     state = client.get("other")
     late = datetime.fromisoformat(state.output) - (state.created_at + timedelta(seconds=0.1))
-    assert late < timedelta(seconds=0.6)
+    assert late < timedelta(seconds=1.0)
 
 
 def test_a_worker_started_late_resumes_every_overdue_run(
