@@ -422,9 +422,11 @@ class Runtime:
         once; concurrent drives of one run are resolved by the store's seq check, as between
         processes.  ``state``: the run's state as the claim returned it (saves a read; a
         commit since then makes this drive's first commit conflict, and the run is left to
-        whoever made it).
+        whoever made it).  Ignored with ``redispatch``: the effect is dispatched again before
+        anything is committed, so only the state read now (after the caller took the run) may
+        decide it - a listed state could predate the outcome its live dispatcher committed.
         """
-        if state is None:
+        if state is None or redispatch:
             state = self.store.load(run_id)
         if not self._serves(state):
             return state

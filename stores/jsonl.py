@@ -887,9 +887,13 @@ class JsonlStore:
             return
         missing: list[bytes] = []
         for records in self._lines_of(run):
-            fresh = [r for r in records if r.seq > known]
+            # Up to ``seq`` only: later lines are a drive's commits whose leaves still wait
+            # (the flusher's gaps); listing them here too would list them twice.
+            fresh = [r for r in records if known < r.seq <= seq]
             if fresh:
                 missing.append(leaf_line(run.run_id, fresh[0].seq, [r.hash for r in fresh]))
+            if records and records[-1].seq >= seq:
+                break
         if missing:
             if self._defer:
                 assert run.fd is not None  # locked, so open

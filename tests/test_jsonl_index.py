@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-from wakepoint import Runtime
+from wakepoint import Runtime, Workflow, wait_event
 from wakepoint.ledger.keys import Signer
 from wakepoint.ledger.logindex import INDEX_FILE
 from wakepoint.ledger.trust import TrustRoot
@@ -269,3 +269,46 @@ def test_a_renew_during_a_flush_waits_and_extends_the_lease(tmp_path: Path) -> N
     # The lease now runs an hour: another worker cannot take the run a minute later.
     assert not store.take("a1", "w2", timedelta(seconds=10), t0 + timedelta(minutes=1))
     store.close()
+
+
+loop = Workflow("loop")
+
+
+@loop.node(start=True)
+def _wait_again(run: Any) -> Any:
+    return wait_event("k", into="x", then="_wait_again")
+
+
+class HookStore(JsonlStore):
+    """Runs ``hook`` (once) right after a flush's sync, before its index lines."""
+
+    hook: Any = None
+
+    def _sync_files(self, todo: list[tuple[int | None, str]], dir_dirty: bool) -> None:
+        super()._sync_files(todo, dir_dirty)
+        if self.hook is not None:
+            hook, self.hook = self.hook, None
+            hook()
+
+
+def test_records_listed_in_part_elsewhere_are_listed_once(tmp_path: Path) -> None:
+    """Another process lists part of a run's waiting records (its ``recover()``), this
+    process commits more, and a drive commits again while the flush syncs: the flush lists
+    the gap from the run file - up to the leaves it took, not the drive's newer ones, which
+    follow with their own line.  Before: those were listed twice and the ledger never
+    verified again (the index is append-only)."""
+    signer = Signer.generate()
+    store = HookStore(tmp_path / "s", **_QUIET)
+    rt = Runtime(store, [loop], signer=signer, checkpoints=False)
+    rt.start(loop, run_id="q")  # its leaves wait for a flush
+    other = JsonlStore(tmp_path / "s", durability="none")
+    assert other.repair_index() == 1  # lists them, appends nothing
+    rt.send_event("k", 1)  # more waiting leaves of the same run
+    store.hook = lambda: rt.send_event("k", 2)  # a drive during the flush's sync
+    store.flush()
+    store.close()
+    other.close()
+    listed = _index_leaves(store.path)
+    assert sorted(listed) == sorted(set(listed))  # nothing listed twice
+    assert sorted(seq for _, seq in listed) == list(range(len(rt.ledger("q"))))
+    assert _verify(store.path, signer, store.log_id).ok

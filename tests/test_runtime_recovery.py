@@ -432,6 +432,24 @@ def test_recover_run_with_a_stale_claimed_state_leaves_the_run_to_its_writer(
     env.check_ledger(later, "p1")
 
 
+def test_recover_run_redispatch_reads_the_state_itself(env: Any) -> None:
+    """With ``redispatch`` the state passed in is not trusted: a worker's orphan sweep lists
+    a run parked on a call, the call's live dispatcher finishes it meanwhile, and the sweep's
+    ``recover_run(redispatch=True, state=listed)`` must not run the function again."""
+    charger = Charger()
+    rt = env.open([pipeline], {"charge": charger}, crash=waiting_on("effect"), after=True)
+    with pytest.raises(env.Crash):
+        rt.start(pipeline, 7, run_id="p1")
+    listed = rt.get("p1")  # what the sweep saw: parked on the unresolved call
+    env.open([pipeline], {"charge": charger}).recover()  # the dispatcher finishes it
+    assert charger.keys == ["p1:3"]
+    sweeper = env.open([pipeline], {"charge": charger})
+    state = sweeper.recover_run("p1", redispatch=True, state=listed)
+    assert state.status is Status.COMPLETED
+    assert charger.keys == ["p1:3"]  # not dispatched a second time
+    env.check_ledger(sweeper, "p1")
+
+
 # --- the embedded default's key file -------------------------------------------------------
 
 
