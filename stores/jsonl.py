@@ -245,6 +245,8 @@ class _Snap(NamedTuple):
         return self.clean == self.size == size
 
 
+_RENEW_POLL = 0.005  # s: how often a waiting renew looks whether a drive holds the run
+
 class _Run:
     """Per-run process-local machinery: the in-process lock, the append fd (whose ``flock``
     is the run's inter-process lock)."""
@@ -1477,13 +1479,17 @@ class JsonlStore:
         """
         run = self._checkout(run_id)
         try:
-            if not run.mutex.acquire(blocking=False):
-                if run.owner is not None and run.owner != threading.get_ident():
+            me = threading.get_ident()
+            # Polled, not one blocking wait: a moment's holder (the flusher; a thread about
+            # to take the file lock) is waited out, but a drive that gets the mutex first is
+            # answered for at once instead of keeping the worker's loop for a whole drive.
+            while not run.mutex.acquire(timeout=_RENEW_POLL):
+                owner = run.owner
+                if owner is not None and owner != me:
                     # Driven by another thread here, under the file lock: the lease file
                     # (replaced atomically, so readable without the lock) names the holder.
                     held = self._read_lease(run)
                     return held is not None and held.worker == worker
-                run.mutex.acquire()
             try:
                 self._lock_run(run)
                 try:

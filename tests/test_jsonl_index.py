@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -312,3 +313,44 @@ def test_records_listed_in_part_elsewhere_are_listed_once(tmp_path: Path) -> Non
     assert sorted(listed) == sorted(set(listed))  # nothing listed twice
     assert sorted(seq for _, seq in listed) == list(range(len(rt.ledger("q"))))
     assert _verify(store.path, signer, store.log_id).ok
+
+
+def test_a_renew_that_waited_for_a_flush_does_not_wait_for_a_drive(tmp_path: Path) -> None:
+    """A drive that gets the run after the flusher (before the waiting ``renew``) is answered
+    for from the lease file at once: the worker's loop, which renews every lease, is not
+    held up for a whole drive (a long call) while other leases run out."""
+    store = GateStore(tmp_path / "s", **_QUIET)
+    rt = Runtime(store, [approval], signer=Signer.generate(), checkpoints=False)
+    rt.start(approval, run_id="a1")
+    t0 = datetime.now(UTC)
+    assert store.take("a1", "w1", timedelta(seconds=30), t0)
+    flusher = threading.Thread(target=store.flush)
+    flusher.start()
+    assert store.entered.wait(10)
+    driving = threading.Event()
+
+    def drive() -> None:
+        with store.hold("a1"):
+            driving.set()
+            time.sleep(3)
+
+    driver = threading.Thread(target=drive)
+    driver.start()
+    time.sleep(0.1)  # the drive waits for the run's mutex
+    took: list[float] = []
+
+    def renew() -> None:
+        began = time.monotonic()
+        assert store.renew("a1", "w1", timedelta(seconds=30), t0)
+        took.append(time.monotonic() - began)
+
+    renewer = threading.Thread(target=renew)
+    renewer.start()
+    time.sleep(0.1)
+    store.gate.set()  # the flush ends; the drive takes the run
+    renewer.join(10)
+    assert driving.wait(10)
+    assert took and took[0] < 1.5  # not the drive's 3 s
+    driver.join(10)
+    flusher.join(10)
+    store.close()
