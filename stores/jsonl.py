@@ -1145,6 +1145,11 @@ class JsonlStore:
             with self._lock:
                 for run in retry:
                     self._unindexed.setdefault(run.run_id, run)
+                if retry and self._pending == 0:
+                    # Held by another process: try again after a batch window, even if this
+                    # process commits nothing more (an idle store's lines must still come).
+                    self._schedule()
+                    self._pending += 1
                 for run, _, _ in waiting:
                     run.users -= 1
                 if waiting and len(self._runs) > self._max_open:

@@ -354,3 +354,22 @@ def test_a_renew_that_waited_for_a_flush_does_not_wait_for_a_drive(tmp_path: Pat
     driver.join(10)
     flusher.join(10)
     store.close()
+
+
+def test_lines_held_back_by_another_process_come_without_further_commits(
+    tmp_path: Path,
+) -> None:
+    """A flush that finds a waiting run locked by another process tries again a batch window
+    later by itself: an idle process's records do not wait for its next commit or close."""
+    store = JsonlStore(tmp_path / "s", batch_ms=50)
+    rt = Runtime(store, [approval], signer=Signer.generate(), checkpoints=False)
+    other = JsonlStore(tmp_path / "s", durability="none")  # another process
+    rt.start(approval, run_id="q")  # its line is due ~50 ms later
+    with other.hold("q"):
+        time.sleep(0.3)  # the flush came and found q locked
+    deadline = time.monotonic() + 5
+    while not _index_leaves(store.path) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert [seq for _, seq in _index_leaves(store.path)] == list(range(len(rt.ledger("q"))))
+    other.close()
+    store.close()
