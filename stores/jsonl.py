@@ -175,6 +175,12 @@ def _close_live_stores() -> None:
             store.close()
 
 
+# A forked child's copies of its parent's stores are not its own: closing them at its exit
+# would list the parent's waiting lines and, through the open file descriptions it shares,
+# release the parent's run locks (or hang on a lock a parent thread held at the fork).
+os.register_at_fork(after_in_child=_LIVE.clear)
+
+
 def _load_syncfs() -> Callable[[int], None] | None:
     """Linux's ``syncfs(2)`` through libc, or None where there is none."""
     if not sys.platform.startswith("linux"):

@@ -373,3 +373,47 @@ def test_lines_held_back_by_another_process_come_without_further_commits(
     assert [seq for _, seq in _index_leaves(store.path)] == list(range(len(rt.ledger("q"))))
     other.close()
     store.close()
+
+
+def test_a_forked_child_leaves_its_parents_stores_alone_at_exit(tmp_path: Path) -> None:
+    """The exit-time close is for a process's own stores: a forked child that exits normally
+    neither lists the parent's waiting records nor releases the run lock the parent holds
+    (its copies share the parent's open file descriptions)."""
+    import subprocess
+    import textwrap
+
+    root = tmp_path / "s"
+    script = textwrap.dedent(f"""
+        import fcntl, os, sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_runtime_ledger import approval
+        from wakepoint import Runtime
+        from wakepoint.stores.jsonl import JsonlStore
+        store = JsonlStore({str(root)!r}, batch_ms=600_000, batch_commits=10**9)
+        rt = Runtime(store, [approval], checkpoints=False)
+        rt.start(approval, run_id="q")  # its index line waits for a group commit
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(w)
+            os.read(r, 1)  # until the parent holds q
+            sys.exit(0)  # a normal exit: atexit runs
+        os.close(r)
+        with store.hold("q"):
+            os.write(w, b"x")
+            os.waitpid(pid, 0)
+            print("index", os.path.getsize(os.path.join({str(root)!r}, "index.jsonl")))
+            fd = os.open(os.path.join({str(root)!r}, "runs", "q.jsonl"), os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                print("lock lost")
+            except BlockingIOError:
+                print("lock held")
+        store.close()
+    """)
+    out = subprocess.run([sys.executable, "-c", script], check=True, timeout=60,
+                         capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}).stdout
+    said = [line for line in out.splitlines() if line.startswith(("index ", "lock "))]
+    assert said == ["index 0", "lock held"]
+    assert [seq for _, seq in _index_leaves(root)] == [0, 1]  # the parent's close lists them
