@@ -1076,8 +1076,11 @@ class JsonlStore:
                 self._due.clear()
                 # The waiting leaves seen now are durable once this sync returns: a leaf is
                 # queued only after its file was marked dirty (``_append``), under this lock.
+                # A run whose leaves were listed meanwhile (``_ensure_indexed``) may have been
+                # evicted: pinning that object would reopen a file no one closes again.
                 waiting = [(run, run.leaf_seq, len(run.leaves))
-                           for run in self._unindexed.values()]
+                           for run in self._unindexed.values()
+                           if run.leaves and self._runs.get(run.run_id) is run]
                 self._unindexed = {}
                 for run, _, _ in waiting:
                     run.users += 1  # pinned: an eviction must not close the fd we lock by

@@ -417,3 +417,31 @@ def test_a_forked_child_leaves_its_parents_stores_alone_at_exit(tmp_path: Path) 
     said = [line for line in out.splitlines() if line.startswith(("index ", "lock "))]
     assert said == ["index 0", "lock held"]
     assert [seq for _, seq in _index_leaves(root)] == [0, 1]  # the parent's close lists them
+
+
+def _fds_under(root: Path) -> list[str]:
+    """This process's open file descriptors on files under ``root``."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(root)):
+            found.append(target)
+    return found
+
+
+def test_a_run_listed_meanwhile_and_evicted_leaves_no_fd_open(tmp_path: Path) -> None:
+    """A waiting run whose records another path listed (``repair_index``) and that was then
+    evicted is not pinned and reopened by the next flush: ``close()`` leaves no fd open."""
+    root = tmp_path / "s"
+    store = JsonlStore(root, max_open=1, **_QUIET)
+    rt = Runtime(store, [approval], signer=Signer.generate(), checkpoints=False)
+    rt.start(approval, run_id="a")  # a's leaves wait
+    store.repair_index()  # lists them from the run file
+    rt.start(approval, run_id="b")  # max_open=1: the idle a is evicted
+    store.flush()
+    store.close()
+    assert _fds_under(root) == []
+    assert sorted({rid for rid, _ in _index_leaves(root)}) == ["a", "b"]
