@@ -1069,7 +1069,7 @@ class JsonlStore:
                     run = self._runs.get(run_id)
                     fd = run.fd if run is not None else None
                     todo.append((None if fd is None else os.dup(fd), path))
-                self._dirty.clear()
+                dirty, self._dirty = self._dirty, {}
                 dir_dirty, self._dir_dirty = self._dir_dirty, False
                 self._pending = 0
                 self._wake.clear()
@@ -1085,9 +1085,32 @@ class JsonlStore:
                 for run, _, _ in waiting:
                     run.users += 1  # pinned: an eviction must not close the fd we lock by
             if todo or dir_dirty:
-                self._sync_files(todo, dir_dirty)
+                try:
+                    self._sync_files(todo, dir_dirty)
+                except OSError as exc:
+                    self._sync_failed(dirty, dir_dirty, waiting)
+                    raise StoreError(
+                        f"{self.path}: a group commit's fsync failed ({exc}); its records are "
+                        "not listed in the index until a later sync of their files succeeds"
+                    ) from exc
             with self._index_lock:
                 return self._index_waiting(waiting)
+
+    def _sync_failed(
+        self, dirty: dict[str, str], dir_dirty: bool, waiting: list[tuple[_Run, int, int]]
+    ) -> None:
+        """Put back what a failed sync was to cover: the files stay dirty (the next flush
+        syncs them again) and their leaves wait for it, unpinned.  Linux may report a failed
+        writeback only once, so a later fsync's success proves less than it seems; the
+        failure itself reaches the caller (``flush()``, or the next call after a background
+        flush)."""
+        with self._lock:
+            for run_id, path in dirty.items():
+                self._dirty.setdefault(run_id, path)
+            self._dir_dirty = self._dir_dirty or dir_dirty
+            for run, _, _ in waiting:
+                run.users -= 1
+                self._unindexed.setdefault(run.run_id, run)
 
     def _sync_files(self, todo: list[tuple[int | None, str]], dir_dirty: bool) -> None:
         if self._syncfs is not None and len(todo) >= _SYNCFS_MIN:

@@ -26,11 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import pytest
 from wakepoint import Runtime, Workflow, wait_event
 from wakepoint.ledger.keys import Signer
 from wakepoint.ledger.logindex import INDEX_FILE
 from wakepoint.ledger.trust import TrustRoot
 from wakepoint.ledger.verify import verify
+from wakepoint.stores.base import StoreError
 from wakepoint.stores.jsonl import JsonlStore
 
 sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib: tests/ is not on it
@@ -445,3 +447,41 @@ def test_a_run_listed_meanwhile_and_evicted_leaves_no_fd_open(tmp_path: Path) ->
     store.close()
     assert _fds_under(root) == []
     assert sorted({rid for rid, _ in _index_leaves(root)}) == ["a", "b"]
+
+
+class FailOnce(JsonlStore):
+    """Its first sync fails as a disk would (EIO); later syncs are recorded."""
+
+    failed = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.synced_paths: list[str] = []
+        super().__init__(*args, **kwargs)
+
+    def _sync_files(self, todo: list[tuple[int | None, str]], dir_dirty: bool) -> None:
+        if not self.failed:
+            self.failed = True
+            for fd, _ in todo:
+                if fd is not None:
+                    os.close(fd)
+            raise OSError(5, "Input/output error (injected)")
+        self.synced_paths += [path for _, path in todo]
+        super()._sync_files(todo, dir_dirty)
+
+
+def test_a_failed_sync_is_raised_and_its_files_are_synced_again(tmp_path: Path) -> None:
+    """A group commit whose fsync fails raises ``StoreError`` from ``flush()`` and lists
+    nothing; its files stay dirty, so the next flush syncs them again before their records
+    are listed, and the waiting runs are not left pinned."""
+    store = FailOnce(tmp_path / "s", **_QUIET)
+    rt = Runtime(store, [approval], signer=Signer.generate(), checkpoints=False)
+    rt.start(approval, run_id="a")
+    with pytest.raises(StoreError, match="fsync failed"):
+        store.flush()
+    assert _index_leaves(store.path) == []
+    run = store._runs["a"]
+    assert run.users == 0 and "a" in store._unindexed
+    store.flush()
+    assert str(store.path / "runs" / "a.jsonl") in store.synced_paths
+    assert [seq for _, seq in _index_leaves(store.path)] == [0, 1]
+    store.close()

@@ -788,7 +788,8 @@ def test_a_batch_of_many_files_is_one_syncfs(
 def test_a_failed_syncfs_is_raised_and_later_flushes_recover(
     open_jsonl: Callable[..., JsonlStore], signer: Signer
 ) -> None:
-    """syncfs failing (EIO) surfaces as OSError from flush(); the store stays usable."""
+    """syncfs failing (EIO) surfaces as a StoreError (naming the OS error) from flush();
+    the store stays usable, and the next flush syncs the same files again."""
     store = open_jsonl(durability="batch", batch_commits=1000, batch_ms=60_000)
     real = store._syncfs
 
@@ -798,7 +799,7 @@ def test_a_failed_syncfs_is_raised_and_later_flushes_recover(
     store._syncfs = failing
     for i in range(jsonl_module._SYNCFS_MIN):
         Driver(store, signer, LOOP, f"r{i}").step()
-    with pytest.raises(OSError, match="Input/output"):
+    with pytest.raises(StoreError, match="Input/output"):
         store.flush()
     store._syncfs = real
     Driver(store, signer, LOOP, "after").step()
