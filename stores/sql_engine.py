@@ -129,6 +129,10 @@ def make_engine(url: URL, durability: Durability) -> Engine:
         # The store closes every thread's connection from the thread that calls close();
         # named parameters so that compiled statements take dicts on both dialects.
         options = {"connect_args": {"check_same_thread": False}, "paramstyle": "named"}
+    else:
+        # Text in UTF-8 whatever the database's encoding: ``PgStatement`` sends it so, and
+        # every other statement must spell a run id, key or worker the same way.
+        options = {"connect_args": {"client_encoding": "utf8"}}
     try:
         engine = create_engine(url, poolclass=NullPool, **options)
     except (ImportError, NoSuchModuleError) as exc:
@@ -318,10 +322,6 @@ class PgStatement:
         """Execute on the psycopg connection ``conn`` (preparing it first when its name is
         not in ``prepared``, the set of names prepared on that connection); the
         ``PGresult``."""
-        pgconn = conn.pgconn
-        if self.name not in prepared:
-            _ok(pgconn.prepare(self.name, self.sql), pgconn)
-            prepared.add(self.name)
         values: list[bytes | None] = []
         formats: list[int] = []
         for key in self.names:
@@ -329,15 +329,39 @@ class PgStatement:
             if value is None or isinstance(value, _BINARY):
                 values.append(None if value is None else bytes(value))
                 formats.append(1)
-            else:  # str or int: their text form
-                values.append(str(value).encode())
+            else:  # str or int: their text form (UTF-8: the engine sets client_encoding)
+                text = str(value)
+                if "\x00" in text:
+                    # libpq reads text parameters as C strings: the value would be cut short
+                    # at the NUL and stored as another one.  psycopg's cursor refuses it too.
+                    errors: Any = importlib.import_module("psycopg.errors")
+                    raise errors.DataError(
+                        f"{key}: PostgreSQL text cannot contain NUL (0x00) characters: "
+                        f"{text!r}"
+                    )
+                values.append(text.encode())
                 formats.append(0)
-        result = pgconn.exec_prepared(self.name, values, formats, 1)
-        if result.status not in _SUCCESS and result.error_field(_SQLSTATE) == _NO_STATEMENT:
-            # Someone ran DEALLOCATE (or DISCARD ALL) on this connection: prepare again.
-            _ok(pgconn.prepare(self.name, self.sql), pgconn)
+        # psycopg's own lock, as its cursors hold it: a close() from another thread waits
+        # for the statement instead of finishing the connection under it.
+        with conn.lock:
+            pgconn = conn.pgconn
+            if self.name not in prepared:
+                self._prepare(pgconn)
+                prepared.add(self.name)
             result = pgconn.exec_prepared(self.name, values, formats, 1)
-        return _ok(result, pgconn)
+            if result.status not in _SUCCESS and (
+                result.error_field(_SQLSTATE) == _NO_STATEMENT
+            ):
+                # Someone ran DEALLOCATE (or DISCARD ALL) on this connection: prepare again.
+                self._prepare(pgconn)
+                result = pgconn.exec_prepared(self.name, values, formats, 1)
+            return _ok(result, pgconn)
+
+    def _prepare(self, pgconn: Any) -> None:
+        result = pgconn.prepare(self.name, self.sql)
+        if result.status not in _SUCCESS and result.error_field(_SQLSTATE) == _DUPLICATE:
+            return  # the session has it already (a pooler's reused session): same text
+        _ok(result, pgconn)
 
 
 def int_value(raw: bytes) -> int:
@@ -355,6 +379,8 @@ _SQLSTATE = ord("C")
 """libpq's ``PG_DIAG_SQLSTATE`` (``psycopg.pq.DiagnosticField.SQLSTATE``)."""
 _NO_STATEMENT = b"26000"
 """SQLSTATE ``invalid_sql_statement_name``: no prepared statement of that name."""
+_DUPLICATE = b"42P05"
+"""SQLSTATE ``duplicate_prepared_statement`` (names are digests of the SQL text: the same)."""
 
 _CONNECTION_BAD = 1
 """libpq's ``CONNECTION_BAD`` (``psycopg.pq.ConnStatus.BAD``)."""

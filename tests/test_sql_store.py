@@ -44,6 +44,7 @@ from hypothesis.stateful import run_state_machine_as_test
 from sqlalchemy import create_engine, inspect
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import NullPool
+from wakepoint import Runtime, Workflow, done, wait_event
 from wakepoint.kernel import transitions
 from wakepoint.kernel.errors import ConflictError, RunExists
 from wakepoint.kernel.types import Status
@@ -950,3 +951,97 @@ def test_sigkill_at_random_moments_then_recover(url: str, tmp_path: Path) -> Non
           f"{dict(outcome)}")
     assert outcome["mid-run"] >= CRASH_ROUNDS // 3, dict(outcome)
 
+
+
+# --- text parameters and connection sharing on the libpq path ------------------------------
+
+
+_text_wf = Workflow("text")
+
+
+@_text_wf.node(start=True)
+def _text_wait(run: Any) -> Any:
+    return wait_event("clé", into="x", then="_text_end")
+
+
+@_text_wf.node
+def _text_end(run: Any) -> Any:
+    return done(run.vars["x"])
+
+
+def test_postgresql_refuses_text_with_nul_instead_of_cutting_it(pg_url: str) -> None:
+    """libpq reads text parameters as C strings: a run id with a NUL would be stored cut
+    short, as another run's id.  It is refused (as psycopg's cursor refuses it), and nothing
+    is stored."""
+    import psycopg
+
+    store = SqlStore(pg_url, upgrade=True, durability="none")
+    rt = Runtime(store, [_text_wf], checkpoints=False)
+    with pytest.raises(psycopg.DataError, match="NUL"):
+        rt.start(_text_wf, run_id="order-1\x00and more")
+    assert store.list() == []
+    assert rt.start(_text_wf, run_id="order-1").status is Status.WAITING  # not taken
+    rt.close()
+
+
+def test_postgresql_text_is_spelled_one_way_in_a_latin1_database(pg_server: Any) -> None:
+    """Every statement sends text as UTF-8 (the engine sets ``client_encoding``), so a
+    non-ASCII run id or wait key written by the prepared-statement path is found by the
+    others: ledger, find_waiting, take, send_event."""
+    import psycopg
+
+    name = f"latin1_{os.getpid()}"
+    with psycopg.connect(pg_server.dsn("postgres"), autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name} ENCODING 'LATIN1' LC_COLLATE 'C' "
+                      "LC_CTYPE 'C' TEMPLATE template0")
+    try:
+        store = SqlStore(pg_server.url(name), upgrade=True, durability="none")
+        rt = Runtime(store, [_text_wf], checkpoints=False)
+        rt.start(_text_wf, run_id="café")
+        assert len(store.ledger("café")) == 2
+        assert [s.run_id for s in store.find_waiting("clé")] == ["café"]
+        [resumed] = rt.send_event("clé", 1)
+        assert resumed.run_id == "café" and resumed.status is Status.COMPLETED
+        rt.close()
+        with psycopg.connect(pg_server.dsn(name)) as conn:
+            assert conn.execute("SELECT run_id FROM wp_runs").fetchall() == [("café",)]
+    finally:
+        pg_server.drop_database(name)
+
+
+def test_postgresql_close_waits_for_a_statement_another_thread_runs(pg_url: str) -> None:
+    """A prepared statement runs under psycopg's connection lock, as a cursor's does: a
+    ``close()`` from another thread waits for it instead of finishing the connection under
+    it (which libpq answered with 'out of memory' - freed memory in use)."""
+    import psycopg
+
+    store = SqlStore(pg_url, upgrade=True, durability="none")
+    store.release("x", "w")  # opens the store's connection for this thread... and others
+    dsn = pg_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(dsn) as admin:
+        admin.execute("INSERT INTO wp_runs (run_id, workflow, logic_id, status, state, seq, "
+                      "created_at, updated_at, lease_owner) VALUES ('r', 'w', 'l', "
+                      "'running', '\\x00', 0, 0, 0, 'w')")
+        admin.commit()
+        admin.execute("SELECT 1 FROM wp_runs WHERE run_id = 'r' FOR UPDATE")  # row locked
+        outcome: list[str] = []
+
+        def release() -> None:
+            try:
+                store.release("r", "w")  # waits for admin's row lock, inside libpq
+                outcome.append("returned")
+            except Exception as exc:
+                outcome.append(f"{type(exc).__name__}: {exc}")
+
+        releaser = threading.Thread(target=release)
+        releaser.start()
+        time.sleep(0.3)
+        closer = threading.Thread(target=store.close)
+        closer.start()
+        closer.join(0.5)
+        assert closer.is_alive()  # waiting for the statement, not closing under it
+        admin.rollback()  # the row lock goes: the statement ends, then the close
+        releaser.join(10)
+        closer.join(10)
+    assert outcome == ["returned"]
+    assert not closer.is_alive()
