@@ -7,6 +7,7 @@ from __future__ import annotations
 import sqlite3
 import sys
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -415,3 +416,45 @@ def test_chain_links_are_compared_one_by_one(tmp_path: Path) -> None:
     line, slot = where[2]
     assert (report.error.code, report.error.where) == ("prev_mismatch",
                                                        f"runs/run-0.jsonl:{line + 1}#{slot}")
+
+
+def _chain_ctx() -> _Ctx:
+    return _Ctx(record_keys={}, other_keys=[], log_id=None, mode="chain", require_seals=True)
+
+
+def _payloads(data: bytes) -> tuple[list[Any], list[bytes]]:
+    """A run file's line documents and its record bodies, in order."""
+    import base64
+
+    docs = [msgspec.json.decode(line) for line in data.split(b"\n")[:-1]]
+    bodies = [base64.b64decode(env["payload"]) for doc in docs for env in doc["records"]]
+    return docs, bodies
+
+
+def _with_payloads(docs: list[Any], bodies: list[bytes]) -> bytes:
+    import base64
+
+    envs = [env for doc in docs for env in doc["records"]]
+    for env, body in zip(envs, bodies, strict=True):
+        env["payload"] = base64.b64encode(body).decode()
+    return b"".join(msgspec.json.encode(doc) + b"\n" for doc in docs)
+
+
+def test_chain_bulk_pass_decodes_each_body_on_its_own(tmp_path: Path) -> None:
+    """Chain mode: an empty body followed by a body of two documents (the record it
+    replaced, then the next) made up the count when the bodies were decoded joined as
+    lines, and the bulk pass accepted a file the exact pass calls ``malformed``."""
+    import hashlib
+
+    led = interleaved(tmp_path, 1)
+    led.close()
+    data = (tmp_path / "runs" / "run-0.jsonl").read_bytes()
+    docs, bodies = _payloads(data)
+    k = len(bodies) - 2  # the finishing record; k + 1 is the seal
+    seal = msgspec.json.decode(bodies[k + 1])
+    seal["prev"] = hashlib.sha256(b"\x00").hexdigest()  # links to the now empty body
+    forged = [*bodies[:k], b"", bodies[k] + b"\n" + msgspec.json.encode(seal)]
+    bad = _with_payloads(docs, forged)
+    assert _fast_run(bad, "runs/run-0.jsonl", _chain_ctx(), True) is None
+    problem = _exact_run_file(bad, "runs/run-0.jsonl", _chain_ctx(), True).problem
+    assert problem is not None and problem.code == "malformed"
