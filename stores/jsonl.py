@@ -139,7 +139,13 @@ import filelock
 import msgspec
 
 from ..kernel.codec import encode_state
-from ..kernel.errors import ConflictError, CorruptStore, RunExists, RunNotFound
+from ..kernel.errors import (
+    ConflictError,
+    CorruptStore,
+    RunExists,
+    RunNotFound,
+    WakepointError,
+)
 from ..kernel.types import RunState, Status
 from ..ledger.checkpoint import parse_checkpoint
 from ..ledger.keys import Signer
@@ -600,7 +606,7 @@ class JsonlStore:
                     try:
                         self._flush_leaves(run)
                     except StoreError as exc:  # raised from flush() / checkpoint(); see there
-                        self._index_error = exc
+                        self._keep_index_error(exc)
             # Once the file lock is released another process may append: distrust the cache.
             run.owner = None
             run.fresh = False
@@ -906,6 +912,8 @@ class JsonlStore:
             if self._defer:
                 assert run.fd is not None  # locked, so open
                 os.fsync(run.fd)
+                if known == -1:  # perhaps a new file of another writer: its name too
+                    self._fsync_dir(self._runs_dir)
             self._write_index(b"".join(missing))
             self._log_repair(run.run_id, known, seq)
         self._mark_indexed(run.name, seq)
@@ -1163,13 +1171,13 @@ class JsonlStore:
                 taken.append((run, count))
             if taken:
                 wrote = self._list_waiting(taken)
-        except (OSError, StoreError) as exc:
+        except (OSError, WakepointError) as exc:
             # Not listed: the next flush, the run's next writer or repair_index() lists
-            # them; the failure is raised by the next flush().
-            self._index_error = StoreError(
+            # them; the failure is raised by the next flush() or close().
+            self._keep_index_error(StoreError(
                 f"{self._index_path}: stored records could not be listed ({exc}); "
                 "recover() adds them"
-            )
+            ))
         finally:
             for run, _ in taken:
                 self._unlock_run(run)  # queues what is left (a drive's newer leaves)
@@ -1252,7 +1260,16 @@ class JsonlStore:
         self._raise_error()
         if self._flush():
             self._flush()  # the index lines just written, durable too
-        error, self._index_error = self._index_error, None
+        self._raise_index_error()
+
+    def _keep_index_error(self, error: StoreError) -> None:
+        with self._lock:  # the first one is kept: it names the earliest records left out
+            if self._index_error is None:
+                self._index_error = error
+
+    def _raise_index_error(self) -> None:
+        with self._lock:
+            error, self._index_error = self._index_error, None
         if error is not None:
             raise error
 
@@ -1275,6 +1292,7 @@ class JsonlStore:
             if self.durability != "none" and self._flush():
                 self._flush()
             self._raise_error()
+            self._raise_index_error()
         finally:
             with self._lock:
                 for run in self._runs.values():

@@ -485,3 +485,50 @@ def test_a_failed_sync_is_raised_and_its_files_are_synced_again(tmp_path: Path) 
     assert str(store.path / "runs" / "a.jsonl") in store.synced_paths
     assert [seq for _, seq in _index_leaves(store.path)] == [0, 1]
     store.close()
+
+
+class NoIndex(JsonlStore):
+    """Its index cannot be written (a full disk, say)."""
+
+    def _write_index(self, data: bytes, *, mark: bool = True) -> None:
+        raise OSError(28, "No space left on device (injected)")
+
+
+def test_close_raises_what_the_index_could_not_list(tmp_path: Path) -> None:
+    """A batch store whose index lines could not be written says so from ``close()`` as
+    from ``flush()``: the records are stored but unlisted until ``recover()`` (before,
+    close() returned as if all was well)."""
+    store = NoIndex(tmp_path / "s", **_QUIET)
+    rt = Runtime(store, [approval], signer=Signer.generate(), checkpoints=False)
+    rt.start(approval, run_id="a")
+    with pytest.raises(StoreError, match="could not be listed"):
+        store.close()
+    assert _fds_under(store.path) == []  # closed all the same
+
+
+class DirSpy(JsonlStore):
+    """Records each fsync of a directory, with what the index held at that moment."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.dir_syncs: list[str] = []
+        super().__init__(*args, **kwargs)
+
+    def _fsync_dir(self, path: str) -> None:
+        self.dir_syncs.append(path)
+        super()._fsync_dir(path)
+
+
+def test_listing_another_writers_new_run_syncs_its_directory_entry(tmp_path: Path) -> None:
+    """Listing records of a run another writer created and has not synced yet: the run
+    file is fsynced first, and so is ``runs/`` - else a power loss could keep the index
+    line and lose the file's name."""
+    root = tmp_path / "s"
+    signer = Signer.generate()
+    a = JsonlStore(root, **_QUIET)
+    Runtime(a, [approval], signer=signer, checkpoints=False).start(approval, run_id="q")
+    b = DirSpy(root)
+    Runtime(b, [approval], signer=signer, checkpoints=False).respond("q", "yes")
+    assert b.repaired == [("q", 0, 1)]
+    assert str(root / "runs") in b.dir_syncs
+    b.close()
+    a.close()
