@@ -18,8 +18,16 @@ and runs orphaned by a dead worker.
 Leases are renewed: every ``lease / RENEW_FRACTION`` the loop renews (``store.renew``) the
 lease of every claimed run a pool thread is still driving, so a node that runs longer than
 ``lease`` keeps its run; a refused renewal (another worker claimed the run after the lease
-ran out, e.g. while this process was suspended) is logged as ``lease.lost``.  A store without
-``renew`` still works: its leases then last ``lease`` from the claim.
+ran out, e.g. while this process was suspended) is logged as ``lease.lost`` - unless the run
+has finished (a store whose finishing commit ends the lease refuses to renew it for the rest
+of the drive that committed it).  A store without ``renew`` still works: its leases then last
+``lease`` from the claim.
+
+Store errors do not end the worker.  A loop step whose store call fails (``claim``, the look
+for the next deadline, the orphan sweep's listing: PostgreSQL restarted, a terminated backend)
+is logged as ``loop.store_failed`` and counted (``stats["store.failed"]``); the other steps of
+the round still run (lease renewal above all), and the next round comes ``min(poll, 1 s)``
+later - by then the store has reconnected, or the round fails and waits again.
 
 Start-up is recovery: the first claim rounds take every RUNNING run and every overdue wait
 (nothing else holds a lease on them after a restart), cron schedules catch up (see
@@ -48,12 +56,15 @@ What is exactly-once, and what is not (several workers, or workers next to clien
   case the outcome is committed once (the second commit conflicts), and a function that keys
   its side effect on ``idempotency_key`` takes effect once.
 
-Shutdown (``stop()``, SIGTERM, SIGINT): stop claiming, let every pool thread finish the run it
-drives until that run blocks or finishes (a running ``call`` is not interrupted), release the
-leases, stop the alarm.  Events (structlog, logger ``wakepoint.worker``, ``worker`` bound):
-``worker.started``, ``claim``, ``wake`` (a due wait fired), ``resume`` (a RUNNING run driven
-on), ``orphan.redispatch``, ``lease.lost``, ``cron.started``, ``cron.skipped`` (another worker
-won the tick), ``worker.stopped``.
+Shutdown (``stop()``, SIGTERM, SIGINT): stop claiming and sweeping, let every pool thread
+finish the run it drives until that run blocks or finishes (a running ``call`` is not
+interrupted) while the leases of those runs are still renewed (a drive longer than ``lease``
+must not be claimed by another worker while this one finishes it), give back the leases of
+drives queued but not begun and of the ones that blocked, stop the alarm.  Events
+(structlog, logger ``wakepoint.worker``, ``worker`` bound): ``worker.started``, ``claim``,
+``wake`` (a due wait fired), ``resume`` (a RUNNING run driven on), ``orphan.redispatch``,
+``lease.lost``, ``loop.store_failed``, ``cron.started``, ``cron.skipped`` (another worker won
+the tick), ``worker.stopped``.
 """
 
 from __future__ import annotations
@@ -67,7 +78,7 @@ import threading
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any
 
@@ -88,6 +99,12 @@ RENEW_FRACTION = 3
 
 _HORIZON_LIMIT = 1000
 """At most this many upcoming deadlines are read per arming (the poll catches any beyond)."""
+
+_NEVER = datetime.max.replace(tzinfo=UTC)
+
+_RETRY_PAUSE = timedelta(seconds=1)
+"""After a loop round whose store calls failed, the next round comes at most this much later
+(or after ``poll``, when shorter)."""
 
 
 def _seconds(value: float | timedelta) -> timedelta:
@@ -125,7 +142,8 @@ class Worker:
         if self.lease <= timedelta(0) or self.poll <= timedelta(0):
             raise ValueError("lease and poll must be positive")
         self.stats: Counter[str] = Counter()
-        """Counts of ``claim``, ``wake``, ``resume``, ``orphan``, ``lease.lost``, ``cron.*``."""
+        """Counts of ``claim``, ``wake``, ``resume``, ``orphan``, ``lease.lost``, ``cron.*``,
+        ``store.failed`` (loop steps whose store call failed)."""
         self._log = structlog.get_logger("wakepoint.worker").bind(worker=self.worker_id)
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -150,8 +168,10 @@ class Worker:
         # A store whose commit of a finished run ends its lease (the SQL store) needs no
         # ``release`` after a drive that finished the run.
         self._releases_finished = bool(getattr(runtime.store, "releases_finished", False))
-        self._next_renewal = datetime.max.replace(tzinfo=UTC)
+        self._next_renewal = _NEVER
         self._pool: ThreadPoolExecutor | None = None
+        # Pool tasks submitted and not done yet -> the run each drives (None: a cron start).
+        self._pending: dict[Future[None], str | None] = {}
 
     def __repr__(self) -> str:
         return f"Worker({self.worker_id!r}, concurrency={self.concurrency})"
@@ -210,7 +230,13 @@ class Worker:
         finally:
             if unwatch is not None:
                 unwatch()
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            # No new tasks; queued ones (not begun) are cancelled and their leases given back
+            # (``_done``).  Then the drives in progress finish while their leases are still
+            # renewed (``_drain``) - not in ``shutdown(wait=True)`` alone, where nothing
+            # renewed them and another worker could claim a run a long drive still drove.
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._drain()
+            self._pool.shutdown(wait=True)
             self._alarm.stop()
             rt.on_due = previous_on_due
             self._release_all()
@@ -244,16 +270,38 @@ class Worker:
         self._next_sweep = now  # sweep orphans at start-up
         while not self._stopping.is_set():
             now = self.runtime.clock()
-            more = self._claim(now)
+            # Each step that asks the store is guarded on its own: a store error (PostgreSQL
+            # restarted, a backend terminated, a locked SQLite file) fails that step of this
+            # round only - the store reconnects on its next call - so the other steps (above
+            # all the renewal of the leases of the drives in progress) still run.
+            failed = False
+            more = False
+            try:
+                more = self._claim(now)
+            except Exception as exc:
+                self._store_failed("claim", exc)
+                failed = True
             self._fire_cron(now)
             if self._next_sweep is not None and now >= self._next_sweep:
-                self._sweep(now)
+                try:
+                    self._sweep(now)
+                except Exception as exc:
+                    self._store_failed("sweep", exc)
+                    failed = True
             if now >= self._next_renewal:
-                self._renew(now)
+                self._renew(now)  # guarded per run: see lease.renew_failed
+            if not failed and not more:
+                self._checkpoint_if_due()
+                try:
+                    self._arm(now)
+                except Exception as exc:
+                    self._store_failed("arm", exc)
+                    failed = True
+            if failed:
+                self._pause_after_failure(now)
+                continue
             if more:
                 continue  # free threads and claimable runs left: claim again at once
-            self._checkpoint_if_due()
-            self._arm(now)
             self._wake.wait()
             self._wake.clear()
             if self._soon:
@@ -264,6 +312,22 @@ class Worker:
                 if self._wake.wait(COALESCE.total_seconds()):
                     self._wake.clear()
                 self._soon = False
+
+    def _store_failed(self, step: str, exc: Exception) -> None:
+        """Report a loop step whose store call failed: logged and counted, never silent."""
+        self.stats["store.failed"] += 1
+        self._log.warning("loop.store_failed", step=step, error=str(exc),
+                          error_type=type(exc).__name__)
+
+    def _pause_after_failure(self, now: datetime) -> None:
+        """After a failed round: wait ``min(poll, 1 s)`` before the next one (a store that is
+        down is not asked in a tight loop), less when a lease renewal falls due sooner (the
+        renewal does not wait for the store's other calls to recover), and not at all once
+        ``stop()`` was called."""
+        pause = min(self.poll, _RETRY_PAUSE)
+        if self._renewing:
+            pause = min(pause, self._next_renewal - now)
+        self._stopping.wait(max(pause.total_seconds(), 0.0))
 
     def _checkpoint_if_due(self) -> None:
         # Before the loop sleeps: records this process committed after the runtime's last
@@ -290,15 +354,23 @@ class Worker:
             with self._lock:
                 if state.run_id in self._inflight:
                     continue  # our own run, still being driven: the claim renewed its lease
-                self._inflight[state.run_id] = (now + self.lease, True)
-                if len(self._inflight) == 1:
-                    self._next_renewal = now + self.lease / RENEW_FRACTION
+                self._hold(state.run_id, now)
             fresh += 1
             self.stats["claim"] += 1
             self._log.debug("claim", run_id=state.run_id, workflow=state.workflow,
                             node=state.node, step=state.step, status=state.status.value)
-            self._submit(self._work, state, redispatch=False, leased=True)
+            self._submit(state.run_id, self._work, state, redispatch=False, leased=True)
         return fresh >= free
+
+    def _hold(self, run_id: str, now: datetime) -> None:
+        """Record a run this worker now holds a lease on (called with ``_lock`` held)."""
+        # The first held run starts the renewal clock - whether claimed or an orphan taken
+        # by the sweep (before, only a claim into an empty ``_inflight`` started it, so an
+        # orphan taken by a worker that had claimed nothing yet was never renewed).
+        first = not any(leased for _, leased in self._inflight.values())
+        self._inflight[run_id] = (now + self.lease, True)
+        if first:
+            self._next_renewal = now + self.lease / RENEW_FRACTION
 
     @property
     def _renewing(self) -> bool:
@@ -320,11 +392,31 @@ class Worker:
             except Exception as exc:  # the store is unreachable: the next round retries
                 self._log.warning("lease.renew_failed", run_id=run_id, error=str(exc))
                 continue
+            finished = False
+            if not renewed and self._releases_finished:
+                # The store's commit that finishes a run ends its lease, and the run stays
+                # in ``_inflight`` until its drive returns (a checkpoint, a parent resumed
+                # in the same drive come after that commit): a refusal then means the run
+                # finished, not that another worker took it.  So look: a finished run is no
+                # lost lease.  (A run another worker took over AND finished meanwhile is
+                # not reported here either; this drive's next commit then conflicts, which
+                # the runtime logs as ``run.conflict``.)  The look failing: the next round
+                # asks again.
+                try:
+                    finished = self.runtime.store.load(run_id).status.finished
+                except Exception as exc:
+                    self._log.warning("lease.renew_failed", run_id=run_id, error=str(exc))
+                    continue
             with self._lock:
                 if run_id not in self._inflight:
                     continue  # finished meanwhile (and released)
                 if renewed:
                     self._inflight[run_id] = (now + self.lease, True)
+                    continue
+                if finished:
+                    # Nothing to renew any more, and the drive's end must not count the
+                    # lease as lost when it comes after the lease would have run out.
+                    self._inflight[run_id] = (_NEVER, False)
                     continue
                 # Lost for good: reported once, here; the drive goes on (the store's seq
                 # check keeps its commits single) and is not renewed again.
@@ -333,9 +425,43 @@ class Worker:
             self.stats["lease.lost"] += 1
             self._log.warning("lease.lost", run_id=run_id, lease=self.lease.total_seconds())
 
-    def _submit(self, fn: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+    def _drain(self) -> None:
+        """After the loop: wait for every pool task to end, renewing the leases of the runs
+        still being driven meanwhile (no claiming, no sweeping: the worker is stopping)."""
+        while True:
+            with self._lock:
+                pending = list(self._pending)
+            if not pending:
+                return
+            now = self.runtime.clock()
+            if now >= self._next_renewal:
+                self._renew(now)
+            timeout: float | None = None  # nothing to renew: until a task ends
+            if self._renewing:
+                timeout = max((self._next_renewal - now).total_seconds(), 0.0)
+            wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
+
+    def _submit(
+        self, run_id: str | None, fn: Callable[..., None], *args: Any, **kwargs: Any
+    ) -> None:
+        """Hand ``fn`` to the pool; ``run_id``: the run it drives (None: a cron start)."""
         assert self._pool is not None
-        self._pool.submit(fn, *args, **kwargs)
+        future = self._pool.submit(fn, *args, **kwargs)
+        with self._lock:
+            self._pending[future] = run_id
+        future.add_done_callback(self._done)
+
+    def _done(self, future: Future[None]) -> None:
+        """A pool task ended, or was cancelled by the shutdown before it began."""
+        with self._lock:
+            run_id = self._pending.pop(future, None)
+            held = None
+            if run_id is not None and future.cancelled():
+                # Never driven (``_work``'s finally, which gives leases back, never ran).
+                held = self._inflight.pop(run_id, None)
+                self._lost.discard(run_id)
+        if run_id is not None and held is not None and held[1]:
+            self._release(run_id)
 
     def _work(self, state: RunState, *, redispatch: bool, leased: bool) -> None:
         """Drive one claimed (or orphaned) run in a pool thread, then give its lease back."""
@@ -425,7 +551,9 @@ class Worker:
             # the alarm rang or the poll is due.
             at = armed
         else:
-            at = self._looked_until = now + self.poll
+            # ``_looked_until`` is set only once the look succeeded: after a failed look, the
+            # next _arm asks the store again instead of trusting an alarm armed without it.
+            at = horizon = now + self.poll
             # An overdue wait we did not get is leased by another worker: its holder drives
             # it, and the poll looks again in case that worker died.  So: the next deadline
             # after now.
@@ -441,6 +569,7 @@ class Worker:
                     deadline = state.wait.deadline if state.wait is not None else None
                     if deadline is not None and now < deadline < at:
                         at = deadline
+            self._looked_until = horizon
         at = min([at, *self._next_tick])
         if self._renewing:
             at = min(at, self._next_renewal)
@@ -459,37 +588,42 @@ class Worker:
 
     def _sweep(self, now: datetime) -> None:
         """Dispatch again the effects whose requesting process is presumed dead."""
+        # Both listings first: when one fails (the loop reports it), the next round sweeps
+        # again rather than half an ``orphan_after`` later.
+        waiting = [state for kind in ("effect", "child")
+                   for state in self.runtime.store.list(status=Status.WAITING, wait_kind=kind)]
         half = self.orphan_after.total_seconds() / 2
         self._next_sweep = now + timedelta(seconds=half * (1 + random.random()))
         cutoff = now - self.orphan_after
         take: Callable[[str, str, timedelta, datetime], bool] | None = getattr(
             self.runtime.store, "take", None)  # every wakepoint store has it; others may not
-        for kind in ("effect", "child"):
-            for state in self.runtime.store.list(status=Status.WAITING, wait_kind=kind):
-                if state.updated_at > cutoff or not self._serves(state.workflow):
+        for state in waiting:
+            if state.updated_at > cutoff or not self._serves(state.workflow):
+                continue
+            with self._lock:
+                if state.run_id in self._inflight:
                     continue
-                with self._lock:
-                    if state.run_id in self._inflight:
-                        continue
+            if take is not None:
+                # The lease decides, not the age alone: a live dispatcher holds (and
+                # renews) the run's lease while its call runs, and of several sweepers
+                # only one can take a free lease.
+                try:
+                    taken = take(state.run_id, self.worker_id, self.lease, now)
+                except Exception as exc:  # the store is unreachable: next sweep
+                    self._log.warning("orphan.take_failed", run_id=state.run_id,
+                                      error=str(exc))
+                    continue
+                if not taken:
+                    continue
+            with self._lock:
+                if state.run_id in self._inflight:  # claimed meanwhile by our loop
+                    continue
                 if take is not None:
-                    # The lease decides, not the age alone: a live dispatcher holds (and
-                    # renews) the run's lease while its call runs, and of several sweepers
-                    # only one can take a free lease.
-                    try:
-                        taken = take(state.run_id, self.worker_id, self.lease, now)
-                    except Exception as exc:  # the store is unreachable: next sweep
-                        self._log.warning("orphan.take_failed", run_id=state.run_id,
-                                          error=str(exc))
-                        continue
-                    if not taken:
-                        continue
-                with self._lock:
-                    if state.run_id in self._inflight:  # claimed meanwhile by our loop
-                        continue
-                    self._inflight[state.run_id] = (
-                        (now + self.lease, True) if take is not None
-                        else (now + self.orphan_after, False))
-                self._submit(self._work, state, redispatch=True, leased=take is not None)
+                    self._hold(state.run_id, now)
+                else:
+                    self._inflight[state.run_id] = (now + self.orphan_after, False)
+            self._submit(state.run_id, self._work, state, redispatch=True,
+                         leased=take is not None)
 
     def _serves(self, workflow: str) -> bool:
         try:
@@ -521,7 +655,7 @@ class Worker:
             self._next_tick[i] = sched.next_tick(latest)
 
     def _start_cron(self, sched: Schedule, tick: datetime) -> None:
-        self._submit(self._cron_run, sched, tick)
+        self._submit(None, self._cron_run, sched, tick)
 
     def _cron_run(self, sched: Schedule, tick: datetime) -> None:
         run_id = sched.run_id(tick)

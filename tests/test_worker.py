@@ -571,3 +571,181 @@ def test_a_deadline_already_due_from_a_client_thread_is_claimed_at_once(
     assert time.monotonic() - began < 1.0
     assert rt.get("late").output == {"timed_out": True}
     assert worker.stats["wake"] == 1
+
+
+# --- store failures, lease edges, shutdown ---------------------------------------------------
+
+_databases = iter(range(1_000_000))
+
+
+@pytest.fixture
+def pg_db(pg_server: Any) -> Iterator[tuple[str, str]]:
+    """A fresh database on the session's PostgreSQL server: (SQLAlchemy URL, libpq DSN)."""
+    name = f"wk{os.getpid()}_{next(_databases)}"
+    url: str = pg_server.create_database(name)
+    yield url, pg_server.dsn(name)
+    pg_server.drop_database(name)
+
+
+def _terminate_backends(dsn: str) -> int:
+    """End every other connection to the database, as a server restart would."""
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        row = admin.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_a_worker_outlives_the_loss_of_its_database_connections(
+    pg_db: tuple[str, str], tmp_path: Path, workers: list[Worker]
+) -> None:
+    """PostgreSQL ends the worker's connections while it runs (pg_terminate_backend: a
+    restart, a failover), three times: each time the loop's next store call fails, which is
+    logged (``loop.store_failed``, with the error) and counted (``store.failed``), and the
+    worker goes on - the store reconnects - driving every timer committed afterwards to its
+    end."""
+    from structlog.testing import capture_logs
+    from wakepoint.stores.sql import SqlStore
+
+    url, dsn = pg_db
+    rt = Runtime(SqlStore(url, upgrade=True), [timer_wf], home=tmp_path / "home")
+    worker = Worker(rt, poll=0.1)
+
+    def a_timer_completes(run_id: str) -> None:
+        # A client of its own each time: the terminations end its connections too.
+        client = Runtime(SqlStore(url), [timer_wf], home=tmp_path / "home")
+        client.start(timer_wf, 0.05, run_id=run_id)
+        _wait_for(lambda: client.get(run_id).status is Status.COMPLETED)
+        client.store.close()
+
+    with capture_logs() as logs:
+        workers.append(worker)
+        thread = worker.run_in_thread()
+        a_timer_completes("before")  # the worker is connected
+        for i in range(3):
+            failed = worker.stats["store.failed"]
+            assert _terminate_backends(dsn) >= 1
+            _wait_for(lambda: worker.stats["store.failed"] > failed)  # noqa: B023
+            a_timer_completes(f"after{i}")
+        assert thread.is_alive()
+    failures = [e for e in logs if e["event"] == "loop.store_failed"]
+    assert len(failures) == worker.stats["store.failed"] >= 3
+    assert all(e["error"] and e["log_level"] == "warning" for e in failures)
+
+
+def test_a_run_finished_before_its_drive_returns_is_no_lost_lease(
+    tmp_path: Path, workers: list[Worker]
+) -> None:
+    """The SQL store's commit that finishes a run ends its lease, while the run stays the
+    worker's until its drive returns.  Here the drive is held open after that commit until
+    a renewal round has been refused, then past the lease: neither the refusal nor the
+    drive's end past the lease is reported as ``lease.lost``."""
+    wf = Workflow("finish-gap")
+
+    @wf.node(start=True)
+    def only(run: RunView) -> Any:
+        return done(1)
+
+    rt = _sqlite_runtime(tmp_path, wf)
+    store: Any = rt.store
+    finished = threading.Event()
+    refused_after_finish = threading.Event()
+    real_commit, real_renew = store.commit, store.renew
+
+    def commit(run_id: str, expected: int, state: Any, records: Any) -> None:
+        real_commit(run_id, expected, state, records)
+        if state.status.finished:
+            finished.set()
+            refused_after_finish.wait(10)
+            time.sleep(0.4)  # the lease (0.3 s) runs out before the drive returns
+
+    def renew(run_id: str, worker: str, lease: timedelta, now: datetime) -> bool:
+        after = finished.is_set()
+        renewed: bool = real_renew(run_id, worker, lease, now)
+        if after and not renewed:
+            refused_after_finish.set()
+        return renewed
+
+    store.commit, store.renew = commit, renew
+    _create_running(rt, wf, "gap", None)
+    worker = _run(Worker(rt, lease=0.3, poll=5), workers)
+    _wait_for(refused_after_finish.is_set)
+    assert worker.stop(timeout=10)  # once the drive has returned
+    assert rt.get("gap").status is Status.COMPLETED
+    assert worker.stats["lease.lost"] == 0
+
+
+def test_a_stopping_worker_keeps_renewing_the_lease_of_the_drive_it_finishes(
+    tmp_path: Path, workers: list[Worker]
+) -> None:
+    """``stop()`` during a drive longer than the lease: while the worker waits for the drive
+    to end, it still renews the run's lease, so another claimer polling all along gets
+    nothing; then the drive completes and the worker stops."""
+    wf = Workflow("stop-long")
+    entered, gate = threading.Event(), threading.Event()
+
+    @wf.node(start=True)
+    def crawl(run: RunView) -> Any:
+        entered.set()
+        gate.wait(10)
+        return done(1)
+
+    rt = _sqlite_runtime(tmp_path, wf)
+    _create_running(rt, wf, "long", None)
+    worker = _run(Worker(rt, lease=0.6, poll=5), workers)
+    assert entered.wait(5)
+    assert not worker.stop(wait=False)
+    stolen = []
+    end = time.monotonic() + 2.0  # more than three leases
+    while time.monotonic() < end:
+        stolen += rt.store.claim(datetime.now(UTC), "thief", timedelta(seconds=5), 10)
+        time.sleep(0.05)
+    gate.set()
+    assert worker.stop(timeout=10)
+    assert stolen == []
+    assert rt.get("long").status is Status.COMPLETED
+    assert worker.stats["lease.lost"] == 0
+
+
+def test_an_orphan_taken_by_a_worker_that_claimed_nothing_keeps_its_lease(
+    tmp_path: Path, workers: list[Worker]
+) -> None:
+    """SQLite: a worker whose first and only run is an orphan its sweep took (it claimed
+    nothing before) renews that run's lease while the call it dispatched again runs for
+    more than three leases, so no other sweeper can take the run meanwhile."""
+    wf = _call_wf("orphan-renewed")
+    keys: list[str] = []
+    dead_gate, gate = threading.Event(), threading.Event()
+
+    def hang(x: int, idempotency_key: str) -> int:
+        keys.append(idempotency_key)
+        dead_gate.wait(10)
+        return x
+
+    def work(x: int, idempotency_key: str) -> int:
+        keys.append(idempotency_key)
+        gate.wait(10)
+        return x * 10
+
+    dead = _sqlite_runtime(tmp_path, wf)
+    dead.register_function("work", hang)
+    threading.Thread(target=dead.start, args=(wf, 1), kwargs={"run_id": "o3"},
+                     daemon=True).start()
+    _wait_for(lambda: len(keys) == 1)
+    url = f"sqlite:///{tmp_path / 'wp.db'}"
+    worker = _run(Worker(Runtime(url, [wf], {"work": work}, home=tmp_path / "home"),
+                         poll=0.05, lease=0.6, orphan_after=0.2), workers)
+    _wait_for(lambda: len(keys) == 2)
+    taken = []
+    end = time.monotonic() + 2.0  # more than three leases
+    while time.monotonic() < end:
+        taken.append(dead.store.take("o3", "thief", timedelta(seconds=5), datetime.now(UTC)))
+        time.sleep(0.05)
+    gate.set()
+    _wait_for(lambda: dead.store.load("o3").status is Status.COMPLETED)
+    assert not any(taken)
+    assert worker.stats["orphan"] == 1 and worker.stats["lease.lost"] == 0
+    dead_gate.set()
