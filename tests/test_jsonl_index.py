@@ -247,17 +247,25 @@ def test_the_stores_own_flusher_never_makes_a_claim_skip_a_run(tmp_path: Path) -
     store.close()
 
 
-def test_a_renew_during_a_flush_waits_and_extends_the_lease(tmp_path: Path) -> None:
-    """``renew`` answers without rewriting only while a *driving* thread holds the run; a
-    run held by the flusher for a moment is waited for and its lease really extended."""
+def _held_by_a_flush(tmp_path: Path, lease: timedelta) -> tuple[GateStore, datetime,
+                                                                  threading.Thread]:
+    """A store whose run ``a1`` (leased to ``w1`` for ``lease``) its flush holds now, inside
+    the index write; the flush's thread goes on once ``store.gate`` is set."""
     store = GateStore(tmp_path / "s", **_QUIET)
     rt = Runtime(store, [approval], signer=Signer.generate(), checkpoints=False)
     rt.start(approval, run_id="a1")
     t0 = datetime.now(UTC)
-    assert store.take("a1", "w1", timedelta(seconds=10), t0)
+    assert store.take("a1", "w1", lease, t0)
     flusher = threading.Thread(target=store.flush)
     flusher.start()
     assert store.entered.wait(10)
+    return store, t0, flusher
+
+
+def test_a_renew_during_a_flush_waits_and_extends_the_lease(tmp_path: Path) -> None:
+    """``renew`` answers without rewriting only while a *driving* thread holds the run; a
+    run held by the flusher for a moment is waited for and its lease really extended."""
+    store, t0, flusher = _held_by_a_flush(tmp_path, timedelta(seconds=10))
     got: list[bool] = []
     renewer = threading.Thread(
         target=lambda: got.append(store.renew("a1", "w1", timedelta(hours=1), t0))
@@ -321,14 +329,7 @@ def test_a_renew_that_waited_for_a_flush_does_not_wait_for_a_drive(tmp_path: Pat
     """A drive that gets the run after the flusher (before the waiting ``renew``) is answered
     for from the lease file at once: the worker's loop, which renews every lease, is not
     held up for a whole drive (a long call) while other leases run out."""
-    store = GateStore(tmp_path / "s", **_QUIET)
-    rt = Runtime(store, [approval], signer=Signer.generate(), checkpoints=False)
-    rt.start(approval, run_id="a1")
-    t0 = datetime.now(UTC)
-    assert store.take("a1", "w1", timedelta(seconds=30), t0)
-    flusher = threading.Thread(target=store.flush)
-    flusher.start()
-    assert store.entered.wait(10)
+    store, t0, flusher = _held_by_a_flush(tmp_path, timedelta(seconds=30))
     driving = threading.Event()
 
     def drive() -> None:
