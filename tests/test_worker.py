@@ -749,3 +749,96 @@ def test_an_orphan_taken_by_a_worker_that_claimed_nothing_keeps_its_lease(
     assert not any(taken)
     assert worker.stats["orphan"] == 1 and worker.stats["lease.lost"] == 0
     dead_gate.set()
+
+
+def test_a_stopping_worker_gives_back_at_once_the_lease_of_a_drive_it_never_began(
+    tmp_path: Path, workers: list[Worker]
+) -> None:
+    """SQLite, one thread: the sweep takes an orphan while the thread drives a long run, so
+    the orphan's drive waits in the pool's queue.  ``stop()`` cancels that drive and gives
+    its lease back at once - another worker can take the run while this one still finishes
+    the long drive (whose lease it keeps renewing) - and the stopping worker never
+    dispatches the orphan's call."""
+    long_wf = Workflow("long-first")
+    orphan_wf = _call_wf("queued-orphan")
+    entered, gate, dead_gate = threading.Event(), threading.Event(), threading.Event()
+    keys: list[str] = []
+
+    @long_wf.node(start=True)
+    def crawl(run: RunView) -> Any:
+        entered.set()
+        gate.wait(10)
+        return done(1)
+
+    def hang(x: int, idempotency_key: str) -> int:
+        keys.append(idempotency_key)
+        dead_gate.wait(10)
+        return x
+
+    def work(x: int, idempotency_key: str) -> int:
+        keys.append(idempotency_key)
+        return x
+
+    dead = _sqlite_runtime(tmp_path, orphan_wf)
+    dead.register_function("work", hang)
+    threading.Thread(target=dead.start, args=(orphan_wf, 1), kwargs={"run_id": "o4"},
+                     daemon=True).start()
+    _wait_for(lambda: len(keys) == 1)
+    _create_running(dead, long_wf, "long", None)
+    time.sleep(0.3)  # the orphan's request is older than orphan_after at start-up
+    url = f"sqlite:///{tmp_path / 'wp.db'}"
+    rt = Runtime(url, [long_wf, orphan_wf], {"work": work}, home=tmp_path / "home")
+    worker = _run(Worker(rt, concurrency=1, lease=5, poll=0.05, orphan_after=0.2), workers)
+    assert entered.wait(5)
+    _wait_for(lambda: len(worker._inflight) == 2)  # the orphan taken, its drive queued
+    assert not dead.store.take("o4", "thief", timedelta(seconds=5), datetime.now(UTC))
+    worker.stop(wait=False)
+    _wait_for(lambda: dead.store.take("o4", "thief", timedelta(seconds=5),
+                                      datetime.now(UTC)), timeout=3)  # lease: 5 s
+    assert not dead.store.take("long", "thief", timedelta(seconds=5), datetime.now(UTC))
+    gate.set()
+    assert worker.stop(timeout=10)
+    assert dead.store.load("long").status is Status.COMPLETED
+    assert len(keys) == 1 and worker.stats["orphan"] == 0
+    dead_gate.set()
+
+
+def test_a_failed_sweep_is_reported_and_tried_again_at_the_next_round(
+    workers: list[Worker],
+) -> None:
+    """The orphan sweep's listing fails twice (the store unreachable): the worker reports
+    each failure (``store.failed``), lives on, and sweeps again at its next rounds - not
+    half an ``orphan_after`` (here an hour) later - re-dispatching the orphan."""
+    wf = _call_wf("sweep-fails")
+    store = MemoryStore()
+    keys: list[str] = []
+    dead_gate = threading.Event()
+
+    def hang(x: int, idempotency_key: str) -> int:
+        keys.append(idempotency_key)
+        dead_gate.wait(10)
+        return x
+
+    # The dead dispatcher's clock is two hours behind: its request is older than the hour
+    # of orphan_after from the start.
+    dead = Runtime(store, [wf], {"work": hang},
+                   clock=lambda: datetime.now(UTC) - timedelta(hours=2))
+    threading.Thread(target=dead.start, args=(wf, 1), kwargs={"run_id": "o5"},
+                     daemon=True).start()
+    _wait_for(lambda: len(keys) == 1)
+    failures = [OSError("store unreachable")] * 2
+    real_list = store.list
+
+    def list_(**filters: Any) -> list[Any]:
+        if filters.get("wait_kind") is not None and failures:
+            raise failures.pop()
+        return real_list(**filters)
+
+    store.list = list_  # type: ignore[method-assign]
+    rt = Runtime(store, [wf], {"work": lambda x, idempotency_key: x * 10},
+                 signer=dead.signer)
+    worker = _run(Worker(rt, poll=0.05, orphan_after=3600), workers)
+    _wait_for(lambda: rt.get("o5").status is Status.COMPLETED, timeout=5)
+    assert rt.get("o5").output == 10
+    assert worker.stats["store.failed"] == 2 and worker.stats["orphan"] == 1
+    dead_gate.set()
