@@ -101,6 +101,7 @@ _HORIZON_LIMIT = 1000
 """At most this many upcoming deadlines are read per arming (the poll catches any beyond)."""
 
 _NEVER = datetime.max.replace(tzinfo=UTC)
+"""The expiry of a lease that never needs renewing, nor counts as lost: a run that ended."""
 
 _RETRY_PAUSE = timedelta(seconds=1)
 """After a loop round whose store calls failed, the next round comes at most this much later
