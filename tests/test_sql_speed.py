@@ -101,8 +101,10 @@ def test_wal_stays_bounded_under_steady_commits(
         for n in range(4000):
             h.start(COUNTER, f"r{n}", 1)
         # A create writes 5-6 frames of 4 KiB: a WAL never restarted would hold 4,000 of
-        # them, over 80 MB (measured with PASSIVE checkpoints only: it grows by every commit)
-        assert wal.stat().st_size < 40_000_000
+        # them, over 80 MB (measured with PASSIVE checkpoints only: it grows by every commit).
+        # How often the checkpoint thread gets to restart depends on the CPU it gets: 4-20 MB
+        # on a quiet machine, 42.7 MB once in CI with the suite's other tests on both cores.
+        assert wal.stat().st_size < 64_000_000
     finally:
         store.close()
 
