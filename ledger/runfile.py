@@ -122,6 +122,9 @@ _get_sigs = attrgetter("signatures")
 _get_keyid = attrgetter("keyid")
 _get_sig = attrgetter("sig")
 _first = itemgetter(0)
+_last = itemgetter(-1)
+_OPEN, _CLOSE = {ord("{")}, {ord("}")}
+"""The first and last byte of every body a bulk chain pass accepts (as sets of ints)."""
 _get_seq = attrgetter("seq")
 _get_prev = attrgetter("prev")
 _get_kind = attrgetter("kind")
@@ -240,8 +243,7 @@ def _bulk_run(data: bytes, rel: str, ctx: _Ctx, expect_name: bool) -> RunResult 
         # ("}" then "{" never continues a JSON value), so n bodies giving n documents give
         # one each, in order.
         n_bodies = len(bodies)
-        if not (all(map(bytes.startswith, bodies, repeat(b"{")))
-                and all(map(bytes.endswith, bodies, repeat(b"}")))):
+        if set(map(_first, bodies)) != _OPEN or set(map(_last, bodies)) != _CLOSE:
             return None
         joined = b"\n".join([*bodies, b""])
         decoded_bodies = _body_chain_fields.decode_lines(joined)
