@@ -134,6 +134,9 @@ def tick(wf: Workflow, state: RunState, now: datetime) -> Transition:
         payload = value_digest(output, "output of node {!r} of run {!r}", node, state.run_id)
         return _emit(new, "run.completed", node, None, payload=payload)
     if isinstance(result, Fail):
+        if not isinstance(result.reason, str):
+            return _failed(state, now, "InvalidStep", f"node {node!r} returned fail() with a "
+                           f"{type(result.reason).__name__} reason; it must be a str")
         return _failed(state, now, "Fail", result.reason)
     if isinstance(result, WaitEvent | WaitUntil | AskUser | Subworkflow | Call | Custom):
         return _request(wf, state, now, node, step, result)
@@ -192,6 +195,8 @@ def timeout(state: RunState, now: datetime) -> Transition:
 
 def cancel(state: RunState, reason: str, now: datetime) -> Transition:
     """Cancel a RUNNING or WAITING run (children are the runtime's to cascade to)."""
+    if not isinstance(reason, str):
+        raise TypeError(f"cancel reason must be a str, not {type(reason).__name__}")
     check(state.run_id, state.status, "cancel")
     new = _replace(
         state,
@@ -205,6 +210,26 @@ def cancel(state: RunState, reason: str, now: datetime) -> Transition:
 
 
 # --- helpers -------------------------------------------------------------------------------
+
+
+def _malformed(eff: Effect) -> str | None:
+    """What is wrong with an effect request's fields, or None.  The structs check no types
+    when built (a node may pass an int for a key): the request is converted back to its own
+    type, as a stored one will be decoded.  A value with no encoding at all is left to
+    ``value_digest`` (``UnencodableValue``)."""
+    try:
+        plain = msgspec.to_builtins(eff, builtin_types=(datetime, timedelta))
+    except ENCODE_ERRORS:
+        return None
+    try:
+        msgspec.convert(plain, type(eff))
+    except msgspec.ValidationError as exc:
+        return str(exc)
+    for name in ("deadline", "when"):
+        value = getattr(eff, name, None)
+        if isinstance(value, datetime) and value.utcoffset() is None:
+            return f"{name} {value.isoformat()} has no time zone (use an aware datetime)"
+    return None
 
 
 def _migration_for(wf: Workflow, state: RunState) -> Migration | None:
@@ -261,6 +286,12 @@ def _request(
     wf: Workflow, state: RunState, now: datetime, node: str, step: int, eff: Effect
 ) -> Transition:
     """Park the run on the wait that ``eff`` opens and hand ``eff`` to the runtime."""
+    problem = _malformed(eff)
+    if problem is not None:
+        # Stored as it is, a wrong-typed field would make the run unreadable (the state no
+        # longer decodes) and a naive deadline would break every comparison of deadlines.
+        return _failed(state, now, "InvalidStep", f"node {node!r} returned an invalid "
+                       f"{effect_kind(eff)} request: {problem}")
     for target in (eff.then, getattr(eff, "on_timeout", None), getattr(eff, "on_error", None)):
         if target is not None and not wf.check_target(target):
             return _unknown_target(wf, state, now, target)

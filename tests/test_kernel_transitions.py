@@ -260,6 +260,55 @@ def test_node_returning_a_non_step_fails_with_invalid_step() -> None:
 
 
 @pytest.mark.parametrize(
+    ("step", "named"),
+    [
+        (wait_event(123, then="b"), "Expected `str`, got `int` - at `$.key`"),  # type: ignore[arg-type]
+        (ask_user("ok?", choices=[1, 2], then="b"), "at `$.choices[0]`"),  # type: ignore[list-item]
+        (ask_user(5, then="b"), "at `$.prompt`"),  # type: ignore[arg-type]
+        (call("f", then="b", timeout="soon"), "at `$.timeout`"),  # type: ignore[arg-type]
+        (wait_event("k", then="b", deadline=datetime(2030, 1, 1)), "deadline 2030-01-01T00:00:00 "
+         "has no time zone"),
+        (wait_until(datetime(2030, 1, 1), then="b"), "when 2030-01-01T00:00:00 has no time zone"),
+    ],
+    ids=["event-key", "choices", "prompt", "call-timeout", "naive-deadline", "naive-when"],
+)
+def test_an_effect_request_with_wrong_typed_fields_fails_the_run(step: Step, named: str) -> None:
+    """The step structs check no types when built; stored as it is, a wrong-typed field
+    would make the run's state undecodable and a naive deadline break every comparison of
+    deadlines.  The run fails with ``InvalidStep`` naming the field; nothing is requested."""
+    wf = _one(lambda run: step)
+    t = _sealed(tick(wf, _begun(wf), NOW))
+    assert t.state.status is Status.FAILED and t.effects == ()
+    assert t.state.error is not None and t.state.error.type == "InvalidStep"
+    assert named in t.state.error.message
+    assert decode_state(encode_state(t.state)) == t.state  # readable as stored
+
+
+def test_an_unencodable_effect_argument_is_still_unencodable_value() -> None:
+    """The type check leaves values with no encoding at all to ``UnencodableValue``."""
+    wf = _one(lambda run: call("f", (object(),), then="b"))
+    with pytest.raises(UnencodableValue, match="arguments of the call effect"):
+        tick(wf, _begun(wf), NOW)
+
+
+def test_fail_with_a_non_str_reason_fails_with_invalid_step() -> None:
+    wf = _one(lambda run: fail(123))  # type: ignore[arg-type]
+    t = _sealed(tick(wf, _begun(wf), NOW))
+    assert t.state.error is not None and t.state.error.type == "InvalidStep"
+    assert "int reason" in t.state.error.message
+    assert decode_state(encode_state(t.state)) == t.state
+
+
+def test_cancel_with_a_non_str_reason_is_a_type_error() -> None:
+    wf = _one(lambda run: done())
+    state = _begun(wf)
+    before = copy.deepcopy(state)
+    with pytest.raises(TypeError, match="cancel reason must be a str, not int"):
+        cancel(state, 123, NOW)  # type: ignore[arg-type]
+    assert state == before
+
+
+@pytest.mark.parametrize(
     "step",
     [
         goto("nowhere", set={"x": 1}),
@@ -746,16 +795,29 @@ def test_unencodable_effect_args_are_named(step: Step, kind: str) -> None:
     assert f"arguments of the {kind} effect of node 'a'" in message
 
 
-def test_unencodable_value_outside_vars_is_not_blamed_on_a_var() -> None:
-    """A non-string ``fail``/``cancel`` reason is reported as the run's state, not as whichever
-    var happens to come first."""
+def test_a_non_string_reason_is_refused_before_anything_is_encoded() -> None:
+    """A ``fail``/``cancel`` reason that is not a str (here an exception object, which has
+    no encoding either) is named as such: the run fails with ``InvalidStep``, the cancel is a
+    ``TypeError``; no var is blamed and the input state is unchanged."""
     not_a_string: Any = ValueError("not a string")
     wf = _one(lambda run: fail(not_a_string))
     state = msgspec.structs.replace(_begun(wf), vars={"good": 1})
-    for attempt in (lambda: tick(wf, state, NOW), lambda: cancel(state, not_a_string, NOW)):
-        message = _unchanged_after(attempt, state, UnencodableValue)
-        assert message.startswith("state of run 'r' cannot be persisted")
-        assert "var" not in message
+    t = _sealed(tick(wf, state, NOW))
+    assert t.state.error is not None and t.state.error.type == "InvalidStep"
+    assert "ValueError reason" in t.state.error.message
+    message = _unchanged_after(lambda: cancel(state, not_a_string, NOW), state, TypeError)
+    assert "var" not in message
+
+
+def test_an_unencodable_value_outside_vars_is_blamed_on_the_state() -> None:
+    """A state that cannot be encoded although every var can (here an input no ``start``
+    would have taken) is reported as the run's state, not as whichever var comes first."""
+    wf = _one(lambda run: goto("b"))
+    state = msgspec.structs.replace(_begun(wf), vars={"good": 1}, input=object())
+    with pytest.raises(UnencodableValue) as info:
+        tick(wf, state, NOW)
+    assert str(info.value).startswith("state of run 'r' cannot be persisted")
+    assert "var" not in str(info.value)
 
 
 def test_run_vars_view_is_encodable_as_output() -> None:
