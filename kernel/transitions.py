@@ -134,10 +134,11 @@ def tick(wf: Workflow, state: RunState, now: datetime) -> Transition:
         payload = value_digest(output, "output of node {!r} of run {!r}", node, state.run_id)
         return _emit(new, "run.completed", node, None, payload=payload)
     if isinstance(result, Fail):
-        if not isinstance(result.reason, str):
+        reason: object = result.reason  # typed str, but a node may pass anything
+        if not isinstance(reason, str):
             return _failed(state, now, "InvalidStep", f"node {node!r} returned fail() with a "
-                           f"{type(result.reason).__name__} reason; it must be a str")
-        return _failed(state, now, "Fail", result.reason)
+                           f"{type(reason).__name__} reason; it must be a str")
+        return _failed(state, now, "Fail", reason)
     if isinstance(result, WaitEvent | WaitUntil | AskUser | Subworkflow | Call | Custom):
         return _request(wf, state, now, node, step, result)
     return _failed(
