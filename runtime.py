@@ -52,6 +52,7 @@ from .kernel.errors import (
     ConflictError,
     IllegalTransition,
     NotWaiting,
+    RunExists,
     RunFinished,
     RunNotFound,
     UnencodableValue,
@@ -817,9 +818,15 @@ class Runtime:
         queue: deque[_Work],
     ) -> RunState:
         try:
-            return self.store.load(run_id)
+            existing = self.store.load(run_id)
         except RunNotFound:
             pass
+        else:
+            if existing.parent != parent:
+                # A run of that id that is not this parent's child (a caller chose the id):
+                # taking it as the child would hand its output to the wrong parent.
+                raise RunExists(run_id)
+            return existing
         # Created now, not merged with its first node: a detached parent moves on at once, and
         # must never point at a child that a crash could leave uncreated.
         tr = kernel.start(self.workflow(workflow), run_id, input, self.clock(), parent=parent)

@@ -296,6 +296,18 @@ def test_subworkflow_wait_resumes_parent_with_child_output(env: Any) -> None:
     env.check_ledger(rt, child_id)
 
 
+def test_a_run_already_holding_a_childs_id_is_not_taken_as_the_child(env: Any) -> None:
+    """A run a caller started under the id a child would get (``<parent>.<step>``) is not
+    adopted as that child: the parent fails with ``RunExists`` naming it (before, it
+    completed with the unrelated run's output), and the other run is left as it was."""
+    rt = env.open([parent_wf, child_wf])
+    other = rt.start(child_wf, {"ask": True, "x": 1}, run_id="p.2")
+    parent = rt.start(parent_wf, {"ask": True, "x": 5}, run_id="p")
+    assert parent.status is Status.FAILED
+    assert parent.error.type == "RunExists" and "'p.2'" in parent.error.message
+    assert rt.get("p.2") == other
+
+
 def test_subworkflow_child_finishing_at_once(env: Any) -> None:
     """A child that finishes during ``start`` resumes its parent within the same call."""
     rt = env.open([parent_wf, child_wf])
