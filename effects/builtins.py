@@ -17,8 +17,11 @@ Choices made here (where the design is silent), after Temporal and DBOS:
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import inspect
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -95,17 +98,25 @@ class CallHandler:
     """Runs a registered function with the effect's retry policy and timeout."""
 
     def __init__(self) -> None:
-        self._wants_key: dict[int, bool] = {}
+        # Keyed by the function object itself, weakly: an ``id()`` is reused once its
+        # object is gone, and a new function would inherit the old one's answer.
+        self._wants_key: weakref.WeakKeyDictionary[Callable[..., Any], bool] = (
+            weakref.WeakKeyDictionary())
 
     def _takes_key(self, fn: Callable[..., Any]) -> bool:
         # Inspecting a signature costs microseconds; cache it per function object.
-        cached = self._wants_key.get(id(fn))
+        try:
+            cached = self._wants_key.get(fn)
+        except TypeError:  # not weakly referenceable (or unhashable): not cached
+            cached = None
         if cached is None:
             try:
                 params = inspect.signature(fn).parameters
             except (TypeError, ValueError):  # builtins without a signature
                 params = {}  # type: ignore[assignment]
-            cached = self._wants_key[id(fn)] = "idempotency_key" in params
+            cached = "idempotency_key" in params
+            with contextlib.suppress(TypeError):
+                self._wants_key[fn] = cached
         return cached
 
     def handle(self, effect: Effect, run: RunState, ctx: HandlerContext) -> Outcome:
@@ -128,7 +139,11 @@ class CallHandler:
         while True:
             attempt += 1
             try:
-                return Resolved(_attempt(fn, args, kwargs, effect.timeout))
+                # Copies for each attempt: a function that changes its arguments and then
+                # fails must not hand the changed values to the retry (nor change the
+                # committed request under its ledger digest).
+                return Resolved(_attempt(fn, copy.deepcopy(args), copy.deepcopy(kwargs),
+                                         effect.timeout))
             except Exception as exc:  # the function's failure is data for the policy
                 if attempt >= policy.attempts or not policy.retries(exc):
                     return Failed(

@@ -455,6 +455,50 @@ def test_call_passes_idempotency_key(env: Any) -> None:
     assert keyed == [("effect.requested", "c1:2"), ("wait.resumed", "c1:2")]
 
 
+def test_each_call_attempt_gets_its_own_copy_of_the_arguments(env: Any) -> None:
+    """A function that changes its arguments and then fails does not hand the changed
+    values to the retry, nor change the committed request."""
+    seen: list[dict[str, int]] = []
+
+    def bump(box: dict[str, int]) -> int:
+        seen.append(dict(box))
+        box["n"] += 1
+        if len(seen) == 1:
+            raise ConnectionError("transient")
+        return box["n"]
+
+    rt = env.open([caller], {"bump": bump}, sleep=lambda _: None)
+    run = rt.start(caller, {"fn": "bump", "args": [{"n": 1}], "retry": {"attempts": 2}},
+                   run_id="c1")
+    assert seen == [{"n": 1}, {"n": 1}]
+    assert run.output == 2
+    env.check_ledger(rt, "c1")
+
+
+def test_the_idempotency_key_check_is_not_inherited_by_a_new_function(env: Any) -> None:
+    """Whether a function takes ``idempotency_key`` is remembered per function object, not
+    per ``id()``: a new function at a reused address is looked at afresh."""
+    import gc
+
+    rt = env.open([caller], {})
+    for i in range(20):
+        # Alternately with and without the parameter; each function is dropped after use,
+        # so CPython reuses addresses.
+        if i % 2:
+            def fn(idempotency_key: str) -> str:
+                return idempotency_key
+        else:
+            def fn() -> str:  # type: ignore[misc]
+                return "plain"
+        rt.register_function("fn", fn)
+        run = rt.start(caller, {"fn": "fn"}, run_id=f"k{i}")
+        assert run.status is Status.COMPLETED, run.error
+        assert run.output == (f"k{i}:2" if i % 2 else "plain")
+        rt.register_function("fn", len)  # the only reference to fn goes
+        del fn
+        gc.collect()
+
+
 def test_call_retries_with_exponential_backoff(env: Any) -> None:
     """Failed attempts are retried after delays that grow by ``multiplier`` from ``initial``,
     capped at ``max_delay``, each within ``jitter`` of its base."""
