@@ -39,6 +39,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -306,16 +307,35 @@ class Runtime:
                            node=state.node, step=state.step)
             queue: deque[_Work] = deque()
             if cascade:
-                for child_id in state.children:
-                    try:
-                        child = self.store.load(child_id)
-                    except RunNotFound:
-                        continue  # requested but never created: nothing to cancel
-                    if not child.status.finished:
-                        self.cancel(child_id, f"parent {run_id} cancelled: {reason}")
+                self._cancel_descendants(state, reason)
             self._finished(state, queue)
             self._run_queue(queue)
             return self.store.load(run_id)
+
+    def _cancel_descendants(self, root: RunState, reason: str) -> None:
+        """Cancel every unfinished descendant of the cancelled ``root``, depth first.
+
+        An explicit stack, not recursion: a chain of children can be deeper than Python's
+        recursion limit.  A child never created, or finished meanwhile (by another process,
+        or its own last node), is passed over, so that one race does not leave the rest of
+        the tree running."""
+        stack = [(child_id, root.run_id, reason) for child_id in reversed(root.children)]
+        while stack:
+            child_id, parent_id, why = stack.pop()
+            why = f"parent {parent_id} cancelled: {why}"
+            try:
+                child = self.store.load(child_id)
+                if child.status.finished:
+                    continue
+                child = self._apply(child_id, partial(self._cancel_transition, why))
+            except (RunNotFound, RunFinished):
+                continue  # never created, or it finished first: nothing to cancel
+            self._log.info("run.cancelled", run_id=child_id, workflow=child.workflow,
+                           node=child.node, step=child.step)
+            stack.extend((grandchild, child_id, why) for grandchild in reversed(child.children))
+
+    def _cancel_transition(self, reason: str, state: RunState) -> Transition:
+        return kernel.cancel(state, reason, self.clock())
 
     def get(self, run_id: str) -> RunState:
         """The run's current state; ``RunNotFound`` if there is none."""
@@ -353,7 +373,7 @@ class Runtime:
             queue: deque[_Work] = deque()
             touched: builtins.list[str] = []
             for state in self.store.list(status=Status.RUNNING):
-                if self._serves(state) and not self._cascade_cancel(state):
+                if self._serves(state) and not self._cascade_cancel_quietly(state):
                     queue.append((state, None))
                 touched.append(state.run_id)
             for state in self.store.list(status=Status.WAITING):
@@ -390,6 +410,16 @@ class Runtime:
         else:
             return False
         return True
+
+    def _cascade_cancel_quietly(self, state: RunState) -> bool:
+        """``_cascade_cancel`` for recovery: a run that cannot be cancelled (it finished or
+        moved meanwhile) is logged and counted as handled, never raised."""
+        try:
+            return self._cascade_cancel(state)
+        except WakepointError as exc:
+            self._log.error("recover.skipped", run_id=state.run_id, workflow=state.workflow,
+                            node=state.node, step=state.step, error=str(exc))
+            return True
 
     def _cascade_cancel(self, state: RunState) -> bool:
         """Cancel an unfinished run whose parent was cancelled (a cascade a crash cut short)."""
@@ -433,7 +463,7 @@ class Runtime:
             return state
         queue: deque[_Work] = deque()
         if state.status is Status.RUNNING:
-            if not self._cascade_cancel(state):
+            if not self._cascade_cancel_quietly(state):
                 queue.append((state, None))
         elif state.status is Status.WAITING and state.wait is not None:
             now = self.clock()

@@ -398,6 +398,46 @@ def test_cancel_without_cascade_leaves_children(env: Any) -> None:
     assert rt.get("g.2").status is Status.WAITING
 
 
+def test_cancel_reaches_the_bottom_of_a_chain_deeper_than_the_recursion_limit() -> None:
+    """The cascade walks the tree with a stack of its own: a chain of 1,200 waiting runs
+    (Python's recursion limit is 1,000) is cancelled to the last one (before: a raw
+    RecursionError two thirds down, the rest left waiting)."""
+    from wakepoint import Runtime
+
+    rt = Runtime("memory:", [grand], checkpoints=False)
+    rt.start(grand, 1200, run_id="root")
+    rt.cancel("root")
+    statuses = {s.status for s in rt.list()}
+    assert statuses == {Status.CANCELLED} and len(rt.list()) == 1201
+
+
+def test_a_child_finishing_during_the_cascade_does_not_stop_it(env: Any) -> None:
+    """A child that finishes between the cascade's look and its cancel (another process,
+    or its own last node) is passed over instead of failing the whole ``cancel`` with
+    ``RunFinished`` (before: raised, after the parent was already cancelled)."""
+    rt = env.open([grand])
+    rt.start(grand, 2, run_id="n")  # n -> n.2 -> n.2.2 (waiting)
+    load = rt.store.load
+    raced: list[str] = []
+
+    def racing(run_id: str) -> Any:
+        if run_id == "n.2" and not raced:
+            raced.append(run_id)
+            stale = load(run_id)  # what the cascade sees: unfinished
+            rt.cancel("n.2", cascade=False)  # ...and it finishes right after the look
+            return stale
+        return load(run_id)
+
+    rt.store.load = racing  # type: ignore[method-assign]
+    try:
+        state = rt.cancel("n")
+    finally:
+        rt.store.load = load  # type: ignore[method-assign]
+    assert raced == ["n.2"]
+    assert state.status is Status.CANCELLED
+    assert rt.get("n.2").status is Status.CANCELLED
+
+
 # --- call ----------------------------------------------------------------------------------
 
 caller = Workflow("caller")
