@@ -8,6 +8,7 @@ deadlines fire only through ``rt.wake_due(now)``; retry backoff sleeps through a
 from __future__ import annotations
 
 import threading
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -622,6 +623,11 @@ def test_call_timeout_counts_as_failed_attempt(env: Any) -> None:
                          run_id="c1")
     finally:
         release.set()
+    # Each abandoned attempt runs on in its own thread; on a loaded machine one may not
+    # have been scheduled within the 50 ms its attempt was given, so wait for it to begin.
+    waited = time.monotonic() + 5
+    while len(started) < 2 and time.monotonic() < waited:
+        time.sleep(0.01)
     assert started == ["c1:2", "c1:2"]
     assert state.status is Status.FAILED
     assert state.error.type == "TimeoutError"
