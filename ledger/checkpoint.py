@@ -25,7 +25,6 @@ not know are skipped, as signed-note says, but at least one known key must sign.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import re
 from collections.abc import Mapping
@@ -104,7 +103,7 @@ def parse_checkpoint(text: str) -> tuple[Checkpoint, bytes, list[tuple[str, byte
         raise CheckpointError("malformed", f"tree size {size_text!r} is not a canonical decimal")
     try:
         root = base64.b64decode(root_text, validate=True)
-    except binascii.Error:
+    except ValueError:  # binascii.Error, or a non-ASCII character (a plain ValueError)
         root = b""
     if len(root) != 32 or base64.b64encode(root).decode() != root_text:
         raise CheckpointError("malformed", f"root {root_text!r} is not 32 bytes of base64")
@@ -115,7 +114,7 @@ def parse_checkpoint(text: str) -> tuple[Checkpoint, bytes, list[tuple[str, byte
             raise CheckpointError("malformed", f"bad signature line {line!r}")
         try:
             blob = base64.b64decode(parts[2], validate=True)
-        except binascii.Error:
+        except ValueError:  # binascii.Error, or a non-ASCII character
             raise CheckpointError("malformed", f"bad signature line {line!r}") from None
         if base64.b64encode(blob).decode() != parts[2]:
             # Unused low bits before the padding would give one signature several

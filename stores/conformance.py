@@ -930,6 +930,8 @@ def check_list_queries(store: Store) -> None:
     everything = ["w-a", "w-b", "ask", "boom", "call", "cancelled", "done", "run", "timer"]
     _equal(ids(), everything, "list() orders by (created_at, run_id)")
     _equal(ids(limit=3), everything[:3], "list(limit=3)")
+    _equal(ids(limit=0), [], "list(limit=0)")
+    _equal(ids(limit=-1), [], "list(limit=-1): no runs, as SQL's LIMIT (not all but the last)")
     _equal(ids(status=Status.RUNNING), ["run"], "list(status=running)")
     _equal(ids(status=Status.WAITING), ["w-a", "w-b", "ask", "call", "timer"],
            "list(status=waiting)")

@@ -1418,7 +1418,7 @@ class JsonlStore:
                        due_before=due_before, parent=parent)
         ]
         found.sort(key=_age)
-        return found if limit is None else found[:limit]
+        return found if limit is None else found[:max(limit, 0)]  # as SQL's LIMIT
 
     def find_waiting(self, key: str) -> builtins.list[RunState]:
         """WAITING runs whose wait key is ``key``, by run id."""

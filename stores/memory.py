@@ -100,7 +100,7 @@ class MemoryStore:
                           due_before=due_before, parent=parent)
         ]
         found.sort(key=lambda s: (s.created_at, s.run_id))
-        return found if limit is None else found[:limit]
+        return found if limit is None else found[:max(limit, 0)]  # as SQL's LIMIT
 
     def find_waiting(self, key: str) -> builtins.list[RunState]:
         """WAITING runs whose wait key is ``key``."""

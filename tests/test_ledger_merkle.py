@@ -180,6 +180,9 @@ def test_checkpoint_round_trip_and_form() -> None:
     (lambda n: n[:-1], "malformed"),
     (lambda n: n.replace(KEY.key_id, "ed25519:0000000000000000"), "unknown_key"),
     (lambda n: n + n.partition("\n\n")[2], "malformed"),
+    # A non-ASCII character in the root or a signature (base64 raised a plain ValueError).
+    (lambda n: n.replace("\n8\n", "\n8\n\u00e9", 1), "malformed"),
+    (lambda n: n[:-3] + "\u00e9=\n", "malformed"),
 ])
 def test_checkpoint_rejections(edit, code) -> None:  # type: ignore[no-untyped-def]
     """Edited, non-canonical, torn, unsigned or doubly signed notes get their stable code."""
