@@ -309,7 +309,8 @@ def _db_upgrade(args: argparse.Namespace) -> int:
 def _missing_jsonl(url: str) -> str | None:
     """Why ``url`` must not be opened (opening a JSONL store creates it), or None."""
     scheme, _, rest = url.partition(":")
-    if scheme == "jsonl" and rest and not Path(rest).is_dir():
+    if scheme == "jsonl" and rest and not (Path(rest) / "log.json").is_file():
+        # A directory that is not a store (no log.json) would be made one by opening it.
         return f"no JSONL store at {rest}"
     return None
 
@@ -719,8 +720,13 @@ def _parse_json(text: str, what: str) -> Any:
             text = Path(text[1:]).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise _Usage(f"{what} {text[1:]}: {getattr(exc, 'strerror', None) or exc}") from None
+    def constant(name: str) -> Any:
+        # Python's json takes NaN and Infinity, which are not JSON: the value would be
+        # stored as null while the node saw a float.
+        raise _Usage(f"{what} is not JSON: {name} is not a JSON value")
+
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=constant)
     except json.JSONDecodeError as exc:
         raise _Usage(f"{what} is not JSON: {exc}") from None
 

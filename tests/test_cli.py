@@ -572,9 +572,19 @@ def test_unknown_run_and_missing_store(session: Path) -> None:
         assert_one_line_error(proc, 1)
         assert "no JSONL store" in proc.stderr
     assert not (session / ".wakepoint").exists()
+    plain = session / "plain"  # a directory that is not a store is not made one
+    plain.mkdir()
+    proc = wakepoint_cli("runs", "list", "--store", f"jsonl:{plain}", cwd=session)
+    assert_one_line_error(proc, 1)
+    assert "no JSONL store" in proc.stderr and list(plain.iterdir()) == []
     bad_input = wakepoint_cli("run", "session_app:parcel", "--input", "{x", "--store", store,
                               cwd=session)
     assert_one_line_error(bad_input, 2)
+    for not_json in ('{"x": NaN}', "Infinity", '[-Infinity]'):  # Python's json takes these
+        proc = wakepoint_cli("run", "session_app:parcel", "--input", not_json, "--store",
+                             store, cwd=session)
+        assert_one_line_error(proc, 2)
+        assert "is not a JSON value" in proc.stderr
     two = wakepoint_cli("run", "session_app:both", "--store", store, cwd=session)
     assert_one_line_error(two, 2)
     assert "exactly one" in two.stderr
