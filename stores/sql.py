@@ -473,7 +473,10 @@ class SqlStore:
         self._engine = make_engine(self.url, durability)
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._connections: list[Any] = []
+        # Every thread's connection, with its thread: a thread that ended leaves its
+        # connection here until the next thread opens one, which closes it (a server that
+        # starts a thread per request would otherwise hold one connection per request).
+        self._connections: list[tuple[threading.Thread, Any]] = []
         self._generation = _fork_generation
         self._closed = False
         self._written: dict[str, tuple[int, _Indexed]] = {}
@@ -531,7 +534,7 @@ class SqlStore:
         if self._generation != _fork_generation:  # forked: forget the parent's connections
             self._generation = _fork_generation
             self._local = local = threading.local()
-            _inherited.extend(self._connections)
+            _inherited.extend(proxy for _, proxy in self._connections)
             self._connections = []
             self._checkpointer = None  # its thread did not survive the fork
         proxy = self._engine.raw_connection()
@@ -541,7 +544,13 @@ class SqlStore:
         local.prepared = set()  # names of the PgStatements prepared on this connection
         local.conn = conn
         with self._lock:
-            self._connections.append(proxy)
+            ended = [proxy for thread, proxy in self._connections if not thread.is_alive()]
+            self._connections = [(thread, proxy) for thread, proxy in self._connections
+                                 if thread.is_alive()]
+            self._connections.append((threading.current_thread(), proxy))
+        for stale in ended:
+            with suppress(Exception):  # closed from another thread, as close() does
+                stale.close()
         return conn
 
     def _discard(self) -> None:
@@ -1062,7 +1071,7 @@ class SqlStore:
 
     def _close_connections(self) -> None:
         with self._lock:
-            proxies, self._connections = self._connections, []
+            proxies, self._connections = [p for _, p in self._connections], []
         for proxy in proxies:
             with suppress(Exception):  # a broken connection: nothing to save
                 proxy.close()
