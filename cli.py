@@ -458,7 +458,7 @@ def _ledger_export(args: argparse.Namespace) -> int:
 
 def _ledger_checkpoint(args: argparse.Namespace) -> int:
     from .ledger.checkpoint import CheckpointError, parse_checkpoint
-    from .ledger.verify import VerifyUsageError, stored_checkpoints
+    from .ledger.verify import ExportError, VerifyUsageError, stored_checkpoints
 
     try:
         notes = stored_checkpoints(_ledger_source(args.store))
@@ -491,6 +491,18 @@ def _ledger_checkpoint(args: argparse.Namespace) -> int:
         if cp.size == held.size and cp.root != held.root:
             return _error(f"equivocation: the store's checkpoint of size {cp.size} has another "
                           f"root than the one in {target}; not replacing it", 1)
+        # A larger checkpoint must extend the held one: the store's first held.size records
+        # must still have its root (else the history was rewritten and grown past it).
+        from .ledger import merkle
+        from .ledger.export import stored_leaves
+
+        try:
+            leaves = stored_leaves(args.store.removeprefix("jsonl:"))
+        except (VerifyUsageError, ExportError) as exc:
+            return _error(f"cannot read the store's records: {exc}", 1)
+        if len(leaves) < held.size or merkle.root(leaves[:held.size]) != held.root:
+            return _error(f"fork: the store's first {held.size} records no longer have the root "
+                          f"of the checkpoint in {target}; not replacing it", 1)
     try:
         _write_replacing(target, note.encode())
     except OSError as exc:

@@ -30,7 +30,8 @@ from ._verifycore import (
     _route,
     _sha256,
 )
-from .logindex import INDEX_FILE, CheckpointLine
+from .logindex import INDEX_FILE, CheckpointLine, read_leaves
+from .merkle import leaf_hash
 from .records import Envelope
 from .report import VerifyUsageError
 from .sqlsource import _sql_checkpoints, _sql_source
@@ -141,6 +142,27 @@ def stored_checkpoints(source: str | os.PathLike[str]) -> list[str]:
 class ExportError(ValueError):
     """The store's records cannot be exported as they stand (run files and index disagree,
     a damaged line): ``ledger verify`` on the store says exactly what is wrong."""
+
+
+def stored_leaves(source: str | os.PathLike[str]) -> list[bytes]:
+    """The leaf hashes of a store's global order, first to last (not verified): the index of
+    a JSONL store, the records of a SQL store by position.  For checks of a checkpoint
+    against the records a store holds now (``ledger checkpoint --export``)."""
+    text = os.fspath(source)
+    if "://" not in text:
+        path = Path(text.removeprefix("jsonl:"))
+        if not (path / "runs").is_dir():
+            raise VerifyUsageError(f"{path}: not a JSONL store (no runs/ directory)")
+        return read_leaves(path)
+    _, lines = _sql_export_lines(text)
+    leaves = []
+    for line in lines:
+        if not line.startswith(b'{"checkpoint"'):
+            leaves.append(leaf_hash(_envelope.decode(line).payload))
+    return leaves
+
+
+_envelope = msgspec.json.Decoder(Envelope)
 
 
 def _jsonl_export(root_dir: Path) -> tuple[str, bool, list[bytes]]:

@@ -127,6 +127,45 @@ def test_ledger_checkpoint_print_export_anchor(store: Path, tmp_path: Path) -> N
     assert "rollback" in back.stderr and held.read_text() == text
 
 
+def _index_store(root: Path, leaves: list[bytes], signer: Signer) -> None:
+    """A bare JSONL store whose index lists ``leaves`` and a checkpoint of all of them."""
+    from wakepoint.ledger.logindex import INDEX_FILE, append_leaves, make_checkpoint
+
+    (root / "runs").mkdir(parents=True)
+    for leaf in leaves:
+        append_leaves(root, "r", 0, [leaf.hex()])
+    with open(root / INDEX_FILE, "ab") as f:
+        f.write(json.dumps({"checkpoint": make_checkpoint("L", leaves, signer)}).encode()
+                + b"\n")
+
+
+def test_ledger_checkpoint_export_refuses_a_larger_checkpoint_of_another_history(
+    tmp_path: Path,
+) -> None:
+    """A larger checkpoint replaces the anchor only if it extends it: a store whose record 2
+    was rewritten and that grew past the anchor is a fork, refused (before: the anchor
+    moved to it); one that only grew is accepted."""
+    import hashlib
+
+    from wakepoint.ledger.logindex import make_checkpoint
+
+    signer = Signer.generate()
+    h = [hashlib.sha256(x).digest() for x in (b"a", b"b", b"c", b"d", b"X")]
+    anchor = tmp_path / "anchor.txt"
+    held = make_checkpoint("L", h[:3], signer)
+    anchor.write_text(held)
+    _index_store(tmp_path / "fork", [h[0], h[4], h[2], h[3]], signer)
+    proc = wakepoint_cli("ledger", "checkpoint", "--store", f"jsonl:{tmp_path / 'fork'}",
+                         "--export", str(anchor), cwd=tmp_path)
+    one_line_error(proc, 1)
+    assert "fork" in proc.stderr and anchor.read_text() == held
+    _index_store(tmp_path / "grown", h[:4], signer)
+    proc = wakepoint_cli("ledger", "checkpoint", "--store", f"jsonl:{tmp_path / 'grown'}",
+                         "--export", str(anchor), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert anchor.read_text().splitlines()[1] == "4"
+
+
 def test_ledger_checkpoint_none_stored(tmp_path: Path) -> None:
     """A store without checkpoints: exit 1 with one clear line."""
     led = interleaved(tmp_path / "s", 1, checkpoint=False)
