@@ -94,9 +94,18 @@ class TrustRoot:
     __slots__ = ("keys", "log_id")
 
     def __init__(self, keys: Iterable[TrustedKey], log_id: str | None = None) -> None:
+        if log_id == "":
+            # An empty log id would read as "none given" and let the ledger name its own.
+            raise TrustError("log_id is empty: give the ledger's log id, or leave it out")
         self.log_id = log_id
         self.keys: dict[str, TrustedKey] = {}
         for k in keys:
+            if k.valid_from < 0 or (k.valid_until is not None and k.valid_until < k.valid_from):
+                raise TrustError(f"key {k.key_id}: validity range [{k.valid_from}, "
+                                 f"{k.valid_until}) is not a range of ledger positions")
+            if k.revoked_at is not None and k.revoked_at < k.valid_from:
+                raise TrustError(f"key {k.key_id}: revoked at {k.revoked_at}, before its "
+                                 f"validity begins ({k.valid_from})")
             if len(k.public) != 32:
                 raise TrustError(f"key {k.key_id}: an Ed25519 public key is 32 bytes")
             if key_id_of(k.public) != k.key_id:
@@ -122,7 +131,7 @@ class TrustRoot:
         """Parse a trust root document."""
         try:
             doc = _decoder.decode(data)
-        except (msgspec.DecodeError, binascii.Error) as exc:
+        except (msgspec.DecodeError, binascii.Error, UnicodeDecodeError) as exc:
             raise TrustError(f"not a trust root: {exc}") from None
         if doc.v != 1:
             raise TrustError(f"unsupported trust root version {doc.v}")

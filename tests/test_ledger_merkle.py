@@ -3,6 +3,7 @@ proof checks for every tree size 1-64."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 
 import pytest
@@ -210,9 +211,16 @@ def test_trust_root_round_trip_and_ranges() -> None:
     b'{"v":2,"keys":[]}',
     b'{"v":1,"keys":[{"key_id":"ed25519:0000000000000000","public":"' + b"A" * 43 + b'="}]}',
     b"not json",
+    b'{"v":1,"keys":[],"log_id":"\xff"}',  # not UTF-8
+    b'{"v":1,"keys":[],"log_id":""}',  # would read as "no log id given"
+    *(b'{"v":1,"keys":[{"key_id":"%s","public":"%s","roles":["record"],%s}]}' % (
+        KEY.key_id.encode(), base64.b64encode(KEY.public), fields)
+      for fields in (b'"valid_from":-1', b'"valid_from":5,"valid_until":2',
+                     b'"valid_from":5,"revoked_at":1')),
 ])
 def test_trust_root_strict(doc: bytes) -> None:
-    """Unknown fields, other versions, key ids that do not match their key: TrustError."""
+    """Unknown fields, other versions, key ids that do not match their key, bytes that are
+    not UTF-8, an empty log id, validity ranges that are not ranges: TrustError."""
     with pytest.raises(TrustError):
         TrustRoot.loads(doc)
 
