@@ -17,7 +17,7 @@ from array import array
 from binascii import hexlify, unhexlify
 from collections.abc import Sequence
 from itertools import accumulate, groupby
-from operator import attrgetter, methodcaller
+from operator import attrgetter, itemgetter, methodcaller
 
 import msgspec
 
@@ -242,6 +242,11 @@ def _block_hashes(raws: list[bytes]) -> bytes | None:
     return raw if joined.replace(b'"]["', b'","') == want else None
 
 
+_head = itemgetter(slice(0, 9))
+_end = itemgetter(slice(-2, None))
+_LEAF_HEAD, _LEAF_END = {b'{"run_id"'}, {b"]}"}
+
+
 def _bulk_block(g: _Global, lines: list[bytes]) -> bool:
     """Accept a block of leaf lines (between checkpoint lines) at once, or change nothing
     and return False (the line-by-line walk then finds the exact problem).
@@ -253,12 +258,18 @@ def _bulk_block(g: _Global, lines: list[bytes]) -> bool:
     involved has a position bound (those need a check per position).  The per-line work is
     C-level - one decode, one encode, maps, a stable sort that groups lines by run; Python
     runs once per run of the block, not per line."""
+    # Joined by commas, a line cut in two at a comma between hashes (a byte made a newline)
+    # would decode as the one it was: each line must hold exactly one leaf line.  Every line
+    # starting one (``{"run_id"``) and ending one (``]}``, the last field closing), and as
+    # many decoded as there are lines, leave no room for a line holding a part or two.
+    if (set(map(_head, lines)) != _LEAF_HEAD or set(map(_end, lines)) != _LEAF_END):
+        return False
     block = b"[%s]" % b",".join(lines)
     try:
         decoded = _leaf_block.decode(block)
     except ValueError:
         return False
-    if _encoder.encode(decoded) != block:
+    if len(decoded) != len(lines) or _encoder.encode(decoded) != block:
         return False
     raws = list(map(bytes, map(_get_hashes, decoded)))
     raw = _block_hashes(raws)

@@ -402,6 +402,18 @@ def test_non_canonical_lines_are_malformed(led: Ledger, mutate) -> None:  # type
     check(verify(led.path, led.trust()), "malformed", "runs/run-1.jsonl:3")
 
 
+def test_an_index_line_cut_at_a_comma_is_malformed(led: Ledger) -> None:
+    """A leaf line cut in two where a comma separated two hashes (one byte made a newline):
+    joined back with commas the halves would read as the line they were, so the bulk walk
+    must see two lines that are not leaf lines (found by the random-damage test)."""
+    index = led.path / INDEX_FILE
+    data = index.read_bytes()
+    at = data.index(b'","') + 1
+    index.write_bytes(data[:at] + b"\n" + data[at + 1:])
+    line = data[:at].count(b"\n") + 1
+    check(verify(led.path, led.trust()), "malformed", f"{INDEX_FILE}:{line}")
+
+
 def test_unindexed_record_is_index_mismatch(tmp_path: Path) -> None:
     """A validly signed record appended to a run behind the index's back."""
     from wakepoint.ledger.rotation import rotation_record
