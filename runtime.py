@@ -72,7 +72,7 @@ from .kernel.types import (
 )
 from .kernel.workflow import Workflow
 from .ledger.keys import Signer
-from .ledger.records import Record, sign_entries, verify_chain
+from .ledger.records import Record, parse_body, sign_entries, verify_chain
 from .ledger.rotation import rotation_record, seal_record
 from .stores import MemoryStore, open_store
 from .stores.base import Durability, Store
@@ -302,7 +302,8 @@ class Runtime:
     def cancel(self, run_id: str, reason: str = "cancelled", *, cascade: bool = True) -> RunState:
         """Cancel a run and (by default) every unfinished descendant; return its state."""
         with self._lock:
-            state = self._apply(run_id, lambda s: kernel.cancel(s, reason, self.clock()))
+            state = self._apply(
+                run_id, lambda s: kernel.cancel(s, reason, self.clock(), cascade=cascade))
             self._log.info("run.cancelled", run_id=run_id, workflow=state.workflow,
                            node=state.node, step=state.step)
             queue: deque[_Work] = deque()
@@ -429,9 +430,18 @@ class Runtime:
             parent = self.store.load(state.parent.run_id)
         except RunNotFound:
             return False
-        if parent.status is not Status.CANCELLED:
+        if parent.status is not Status.CANCELLED or not self._cancel_cascades(parent):
             return False
         self.cancel(state.run_id, f"parent {parent.run_id} cancelled")
+        return True
+
+    def _cancel_cascades(self, parent: RunState) -> bool:
+        """Whether the cancel of the cancelled ``parent`` was to reach its children (its
+        ``run.cancelled`` record says ``cascade=False`` otherwise)."""
+        for record in reversed(self.store.ledger(parent.run_id)):
+            body = parse_body(record.body)
+            if body.kind == "run.cancelled":
+                return body.key != kernel.NO_CASCADE
         return True
 
     def _serves(self, state: RunState) -> bool:

@@ -194,8 +194,15 @@ def timeout(state: RunState, now: datetime) -> Transition:
     )
 
 
-def cancel(state: RunState, reason: str, now: datetime) -> Transition:
-    """Cancel a RUNNING or WAITING run (children are the runtime's to cascade to)."""
+NO_CASCADE = "no-cascade"
+"""The ``key`` of a ``run.cancelled`` entry whose cancel leaves the run's children running."""
+
+
+def cancel(state: RunState, reason: str, now: datetime, *, cascade: bool = True) -> Transition:
+    """Cancel a RUNNING or WAITING run (children are the runtime's to cascade to).
+
+    ``cascade=False`` is recorded in the entry (``key`` = ``NO_CASCADE``), so that a
+    recovery finishing cascades a crash cut short leaves this run's children alone."""
     if not isinstance(reason, str):
         raise TypeError(f"cancel reason must be a str, not {type(reason).__name__}")
     check(state.run_id, state.status, "cancel")
@@ -207,7 +214,7 @@ def cancel(state: RunState, reason: str, now: datetime) -> Transition:
         step=state.step + 1,
         updated_at=now,
     )
-    return _emit(new, "run.cancelled", state.node, None)
+    return _emit(new, "run.cancelled", state.node, None, key=None if cascade else NO_CASCADE)
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -407,4 +414,4 @@ def _unencodable(state: RunState, node: str | None, exc: BaseException) -> Unenc
     return UnencodableValue(f"state of run {state.run_id!r}", str(exc))
 
 
-__all__ = ["Input", "cancel", "reject", "resume", "start", "tick", "timeout"]
+__all__ = ["NO_CASCADE", "Input", "cancel", "reject", "resume", "start", "tick", "timeout"]

@@ -795,6 +795,19 @@ def test_unencodable_effect_args_are_named(step: Step, kind: str) -> None:
     assert f"arguments of the {kind} effect of node 'a'" in message
 
 
+def test_a_cancel_without_cascade_says_so_in_its_entry() -> None:
+    """The ledger entry of ``cancel(cascade=False)`` carries ``NO_CASCADE`` as its key (what
+    recovery reads to leave the children alone); a cascading cancel carries none."""
+    from wakepoint.kernel.transitions import NO_CASCADE
+
+    wf = _one(lambda run: done())
+    state = _begun(wf)
+    assert _sealed(cancel(state, "stop", NOW)).entries[0].key is None
+    alone = _sealed(cancel(state, "stop", NOW, cascade=False))
+    assert alone.entries[0].key == NO_CASCADE
+    assert alone.state.status is Status.CANCELLED
+
+
 def test_a_non_string_reason_is_refused_before_anything_is_encoded() -> None:
     """A ``fail``/``cancel`` reason that is not a str (here an exception object, which has
     no encoding either) is named as such: the run fails with ``InvalidStep``, the cancel is a

@@ -391,11 +391,15 @@ def test_cancel_cascades_to_children_and_grandchildren(env: Any) -> None:
 
 
 def test_cancel_without_cascade_leaves_children(env: Any) -> None:
-    """``cancel(cascade=False)`` cancels only the run."""
+    """``cancel(cascade=False)`` cancels only the run - also after a later ``recover()``,
+    which finishes only the cascades a crash cut short (before: it cancelled the children
+    the caller chose to keep)."""
     rt = env.open([grand])
     rt.start(grand, 1, run_id="g")
     rt.cancel("g", cascade=False)
     assert rt.get("g").status is Status.CANCELLED
+    assert rt.get("g.2").status is Status.WAITING
+    rt.recover()
     assert rt.get("g.2").status is Status.WAITING
 
 
