@@ -75,7 +75,7 @@ from .ledger.keys import Signer
 from .ledger.records import Record, parse_body, sign_entries, verify_chain
 from .ledger.rotation import rotation_record, seal_record
 from .stores import MemoryStore, open_store
-from .stores.base import Durability, Store
+from .stores.base import Durability, Store, StoreError
 
 DEFAULT_HOME = ".wakepoint"
 _RETRIES = 3
@@ -793,6 +793,10 @@ class Runtime:
         context = _Context(self, queue)
         try:
             outcome = self.handlers[kind].handle(effect, state, context)
+        except (StoreError, ConflictError):
+            # The store failed under the handler (a child's create, say), not the effect:
+            # the request stays committed and unresolved, and recovery dispatches it again.
+            raise
         except Exception as exc:  # a handler bug or UnknownEffect: the effect failed
             outcome = Failed(type=type(exc).__qualname__, message=str(exc))
         if isinstance(outcome, Parked):
@@ -872,7 +876,15 @@ class Runtime:
         tr = kernel.start(self.workflow(workflow), run_id, input, self.clock(), parent=parent)
         records: builtins.list[Record] = []
         state = self._sign(tr, records)
-        self._store(None, state, records)
+        try:
+            self._store(None, state, records)
+        except RunExists:
+            # Created meanwhile by another process recovering this parent: that one is the
+            # child (and its creator drives it), if it is this parent's.
+            existing = self.store.load(run_id)
+            if existing.parent != parent:
+                raise
+            return existing
         queue.append((state, None))
         return state
 

@@ -309,6 +309,33 @@ def test_a_run_already_holding_a_childs_id_is_not_taken_as_the_child(env: Any) -
     assert rt.get("p.2") == other
 
 
+def test_a_store_error_creating_a_child_leaves_the_parent_to_recovery(env: Any) -> None:
+    """The store failing while a child is created is not the subworkflow failing: the error
+    reaches the caller, the parent stays parked on its committed request, and ``recover()``
+    creates the child and finishes the parent (before: the parent was committed FAILED with
+    type StoreError)."""
+    from wakepoint.stores.base import StoreError
+
+    rt = env.open([parent_wf, child_wf])
+    create = rt.store.create
+
+    def failing(state: RunState, records: Any) -> None:
+        if state.run_id == "p.2":
+            raise StoreError("database is locked (injected)")
+        create(state, records)
+
+    rt.store.create = failing
+    with pytest.raises(StoreError, match="injected"):
+        rt.start(parent_wf, {"ask": False, "x": 5}, run_id="p")
+    rt.store.create = create
+    parked = rt.get("p")
+    assert parked.status is Status.WAITING and parked.wait.kind == "child"
+    rt.recover()
+    assert rt.get("p.2").status is Status.COMPLETED
+    assert rt.get("p").status is Status.COMPLETED
+    env.check_ledger(rt, "p")
+
+
 def test_subworkflow_child_finishing_at_once(env: Any) -> None:
     """A child that finishes during ``start`` resumes its parent within the same call."""
     rt = env.open([parent_wf, child_wf])
