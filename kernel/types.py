@@ -74,6 +74,8 @@ class Retry(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("Retry.attempts must be at least 1")
         if not 0 <= self.jitter <= 1:
             raise ValueError("Retry.jitter must be between 0 and 1")
+        if self.initial < 0 or self.max_delay < 0 or self.multiplier < 0:
+            raise ValueError("Retry.initial, multiplier and max_delay must not be negative")
         names = tuple(_qualified(e) for e in self.retry_on)
         msgspec.structs.force_setattr(self, "retry_on", names)
 
@@ -82,7 +84,11 @@ class Retry(msgspec.Struct, frozen=True, kw_only=True):
 
         ``unit_random`` in ``[0, 1)`` is supplied by the caller: the kernel has no randomness.
         """
-        base = min(self.max_delay, self.initial * self.multiplier ** (attempt - 1))
+        try:
+            grown = self.initial * self.multiplier ** (attempt - 1)
+        except OverflowError:  # far past the cap (a policy that retries for hours)
+            grown = self.max_delay
+        base = min(self.max_delay, grown)
         return base * (1 - self.jitter + 2 * self.jitter * unit_random)
 
     def retries(self, exc: BaseException) -> bool:

@@ -89,6 +89,9 @@ def test_status_finished_marks_exactly_the_terminal_statuses() -> None:
         ({"attempts": -1}, "attempts must be at least 1"),
         ({"jitter": -0.01}, "jitter must be between 0 and 1"),
         ({"jitter": 1.01}, "jitter must be between 0 and 1"),
+        ({"initial": -1}, "must not be negative"),
+        ({"max_delay": -1}, "must not be negative"),
+        ({"multiplier": -2}, "must not be negative"),
     ],
 )
 def test_retry_refuses_bad_policies(kwargs: dict[str, Any], match: str) -> None:
@@ -107,6 +110,13 @@ def test_retry_delay_is_exponential_and_capped() -> None:
     """Without jitter the delay is ``initial * multiplier ** (attempt - 1)``, capped."""
     policy = Retry(initial=0.5, multiplier=3.0, max_delay=10.0, jitter=0)
     assert [policy.delay(n, 0.7) for n in (1, 2, 3, 4, 5)] == [0.5, 1.5, 4.5, 10.0, 10.0]
+
+
+def test_retry_delay_of_a_very_late_attempt_is_the_cap() -> None:
+    """An attempt far enough in that the growth overflows a float (a policy retrying for
+    hours) waits the cap, instead of raising ``OverflowError``."""
+    policy = Retry(attempts=10**6, initial=1.0, multiplier=2.0, max_delay=30.0, jitter=0)
+    assert policy.delay(5000, 0.5) == 30.0
 
 
 def test_retry_delay_jitter_stays_in_bounds() -> None:
