@@ -250,6 +250,8 @@ class Runtime:
                 try:
                     state = self._handover(state)
                 except ConflictError:
+                    if attempt == _RETRIES - 1:
+                        raise
                     continue  # moved meanwhile: reload
                 tr = kernel.resume(wf, state, key, payload, self.clock())
                 queue: deque[_Work] = deque()

@@ -170,6 +170,27 @@ def test_resume_with_wrong_key_is_refused(env: Any, snapshot: Any) -> None:
     assert snapshot(env.open([approval]), "r1") == before  # nothing reached the store either
 
 
+def test_resume_that_keeps_losing_the_key_hand_over_race_raises_the_conflict(
+    env: Any, snapshot: Any,
+) -> None:
+    """A run whose key hand-over loses every race (another process keeps moving it) makes
+    ``resume`` raise ``ConflictError`` after its retries, like any other lost race - not an
+    AssertionError - and nothing is stored."""
+    from wakepoint.kernel.errors import ConflictError
+
+    rt = env.open([approval])
+    rt.start(approval, run_id="r1")
+    before = snapshot(rt, "r1")
+
+    def always_moved(state: Any) -> Any:
+        raise ConflictError("r1", state.seq, state.seq + 1)
+
+    rt._handover = always_moved
+    with pytest.raises(ConflictError):
+        rt.resume("r1", rt.get("r1").wait.key, "yes")
+    assert snapshot(rt, "r1") == before
+
+
 def test_answer_outside_choices_is_refused(env: Any, snapshot: Any) -> None:
     """``respond`` with an answer that is not a choice raises ``InvalidAnswer`` naming both."""
     rt = env.open([approval])
