@@ -76,10 +76,18 @@ def parse_url(url: str | URL) -> URL:
     """Parse and check a store URL; ``StoreError`` for anything the SQL store cannot use."""
     try:
         parsed = make_url(url)
-    except ArgumentError as exc:
-        raise StoreError(f"not a SQLAlchemy URL: {url!r} ({exc})") from None
-    backend, driver = parsed.get_backend_name(), parsed.get_driver_name()
-    shown = show(parsed)
+        backend = parsed.get_backend_name()
+        shown = show(parsed)
+        parsed.port  # noqa: B018 - a port that is not a number raises here, not later
+    except (ArgumentError, ValueError) as exc:
+        # The text as given may hold a password: only its scheme is repeated.
+        scheme = re.match(r"[A-Za-z0-9+.-]*", str(url))[0]  # type: ignore[index]
+        raise StoreError(f"not a usable SQLAlchemy URL (scheme {scheme!r}): "
+                         f"{type(exc).__name__}: {str(exc).split(chr(10))[0]}") from None
+    try:
+        driver = parsed.get_driver_name()
+    except NoSuchModuleError:
+        driver = ""  # a dialect SQLAlchemy does not know (postgres://, say): refused below
     if backend == "sqlite":
         if driver != "pysqlite":
             raise StoreError(f"{shown}: use the standard driver, sqlite:///PATH")

@@ -1068,3 +1068,16 @@ def test_connections_of_threads_that_ended_are_closed(tmp_path: Path) -> None:
     finally:
         store.close()
     assert fds() == 0
+
+
+@pytest.mark.parametrize(("url", "named"), [
+    ("postgres://bob:s3cret@db/app", "supports SQLite"),  # an alias SQLAlchemy has no plugin for
+    ("postgresql+psycopg://bob:s3cret@db:port/app", "invalid literal for int()"),
+    ("postgresql+psycopg//bob:s3cret@db/app", "Could not parse"),
+])
+def test_unusable_store_urls_are_store_errors_without_the_password(url: str, named: str) -> None:
+    """A URL the SQL store cannot use is a ``StoreError`` naming what is wrong (before: a raw
+    NoSuchModuleError or ValueError, or the whole URL echoed, password included)."""
+    with pytest.raises(StoreError, match=named) as info:
+        SqlStore(url)
+    assert "s3cret" not in str(info.value)
