@@ -241,7 +241,10 @@ class Runtime:
         """Deliver ``payload`` to a run waiting on ``key`` and drive it on.
 
         Raises ``RunNotFound``, ``WrongWaitKey``, ``NotWaiting``, ``RunFinished``,
-        ``InvalidAnswer`` or ``UnencodableValue``; on any of them nothing is stored.
+        ``InvalidAnswer`` or ``UnencodableValue`` (of the payload); on any of them nothing is
+        stored.  An ``UnencodableValue`` raised by the node the resume lets run comes after
+        the resume was stored: the run is then RUNNING at that node, and a second ``resume``
+        gets ``NotWaiting``.
         """
         with self._lock:
             for attempt in range(_RETRIES):
