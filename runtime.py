@@ -221,7 +221,12 @@ class Runtime:
         input: Any = None,
         run_id: str | None = None,
     ) -> RunState:
-        """Start a run and drive it until it blocks or finishes; return its state."""
+        """Start a run and drive it until it blocks or finishes; return its state.
+
+        ``run_id``: the run's id (a random one when None); an empty or non-str id is a
+        ``ValueError``."""
+        if run_id is not None and (not isinstance(run_id, str) or not run_id):
+            raise ValueError(f"run_id must be a non-empty str, not {run_id!r}")
         if isinstance(workflow, Workflow):
             if self._workflows.get(workflow.id) is not workflow:
                 self.register(workflow)
@@ -230,7 +235,8 @@ class Runtime:
             wf = self.workflow(workflow)
         with self._lock:
             # 32 random hex digits (what uuid4().hex looks like, at a fifth of its cost).
-            tr = kernel.start(wf, run_id or os.urandom(16).hex(), input, self.clock())
+            tr = kernel.start(wf, os.urandom(16).hex() if run_id is None else run_id, input,
+                              self.clock())
             self._log.info("run.started", run_id=tr.state.run_id, workflow=wf.id,
                            node=tr.state.node, step=tr.state.step)
             queue: deque[_Work] = deque()

@@ -191,6 +191,16 @@ def test_resume_that_keeps_losing_the_key_hand_over_race_raises_the_conflict(
     assert snapshot(rt, "r1") == before
 
 
+@pytest.mark.parametrize("run_id", ["", 7])
+def test_start_with_an_empty_or_non_str_run_id_is_refused(env: Any, run_id: Any) -> None:
+    """An empty run id was silently replaced by a random one; it is a ``ValueError`` now,
+    as is an id that is not a str, and nothing is stored."""
+    rt = env.open([approval])
+    with pytest.raises(ValueError, match="run_id must be a non-empty str"):
+        rt.start(approval, run_id=run_id)
+    assert rt.list() == []
+
+
 def test_answer_outside_choices_is_refused(env: Any, snapshot: Any) -> None:
     """``respond`` with an answer that is not a choice raises ``InvalidAnswer`` naming both."""
     rt = env.open([approval])
