@@ -553,18 +553,36 @@ def _keys_rotate(args: argparse.Namespace) -> int:
     trust = None
     if args.trust is not None:
         try:
-            trust = TrustRoot.load(args.trust).rotate(old.key_id, new, args.at)
+            held = TrustRoot.load(args.trust)
+            if old.key_id not in held.keys and old.previous and (
+                old.previous[0].key_id in held.keys
+            ):
+                # An earlier rotate replaced the key file but not the trust root (its second
+                # write failed): finish that rotation instead of starting another.
+                done = held.rotate(old.previous[0].key_id, old, args.at)
+                _write_replacing(Path(args.trust), done.to_json() + b"\n")
+                print(f"ok: finished the rotation to {old.key_id}: {args.trust} now trusts it "
+                      f"from position {args.at}; the key file is unchanged")
+                return 0
+            trust = held.rotate(old.key_id, new, args.at)
         except TrustError as exc:
             return _error(f"trust root: {exc}", 2)
+        except OSError as exc:
+            return _error(f"cannot write {args.trust}: {exc.strerror or exc}", 1)
     # Key file first: a crash between the two writes leaves a trust root that does not yet
     # know the new key (the operator re-runs the trust step), never a trust root naming a key
     # that was lost.
     try:
         new.save(args.file, replace=True)
-        if trust is not None:
-            _write_replacing(Path(args.trust), trust.to_json() + b"\n")
     except OSError as exc:
-        return _error(f"cannot write: {exc.strerror or exc}", 1)
+        return _error(f"cannot write {args.file}: {exc.strerror or exc}", 1)
+    if trust is not None:
+        try:
+            _write_replacing(Path(args.trust), trust.to_json() + b"\n")
+        except OSError as exc:
+            return _error(f"{args.file} now holds the new key {new.key_id}, but {args.trust} "
+                          f"could not be written ({exc.strerror or exc}): run the same command "
+                          "again to finish the rotation", 1)
     print(f"ok: {old.key_id} -> {new.key_id} ({len(new.previous)} previous key(s) kept in "
           f"{args.file})")
     if trust is not None:

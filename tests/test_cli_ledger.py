@@ -55,6 +55,30 @@ def test_keys_rotate_moves_key_file_and_trust_root(tmp_path: Path) -> None:
     assert TrustRoot.load(trust).keys == root.keys
 
 
+def test_keys_rotate_finishes_a_rotation_whose_trust_root_was_not_written(
+    tmp_path: Path,
+) -> None:
+    """The key file is replaced first; if the trust root's write then failed, running the
+    same command again finishes that rotation (the trust root learns the current key) instead
+    of rotating once more - before, the re-run rotated again and then refused, and no
+    command could bring the trust root up to date."""
+    key = tmp_path / "k.key"
+    first = Signer.generate()
+    first.save(key)
+    trust = tmp_path / "trust.json"
+    trust.write_bytes(TrustRoot.from_signers([first], log_id="L").to_json())
+    current = first.rotate()
+    current.save(key, replace=True)  # the rotation whose trust root write failed
+    proc = wakepoint_cli("keys", "rotate", str(key), "--trust", str(trust), "--at", "20",
+                         cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "finished the rotation" in proc.stdout
+    assert Signer.load(key).key_id == current.key_id  # not rotated again
+    root = TrustRoot.load(trust)
+    assert root.keys[current.key_id].valid_from == 20
+    assert root.keys[first.key_id].revoked_at == 20
+
+
 def test_keys_rotate_errors(tmp_path: Path) -> None:
     """``--trust`` without ``--at`` (or a negative one) is a usage error; a trust root that
     does not hold the key is exit 2 and leaves the key file as it was; no key file is 1."""
