@@ -88,8 +88,10 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import secrets
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -528,15 +530,23 @@ def _keys_generate(args: argparse.Namespace) -> int:
 
 def _write_replacing(path: Path, data: bytes) -> None:
     """Replace ``path`` atomically (temporary file, fsync, rename), keeping its mode."""
+    from .ledger.keys import write_durably
+
     mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    # A name no one can guess or plant a link at (O_EXCL in write_durably).
+    temp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    write_durably(temp, data, mode)
     try:
-        os.write(fd, data)
-        os.fsync(fd)
+        os.replace(temp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)  # the rename itself durable
     finally:
-        os.close(fd)
-    os.replace(temp, path)
+        os.close(dir_fd)
 
 
 def _keys_rotate(args: argparse.Namespace) -> int:

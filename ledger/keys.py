@@ -21,6 +21,7 @@ fsync, rename), so a crash leaves either the old key file or the new one, never 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -59,6 +60,24 @@ try:
     _sign = _sign_direct
 except ImportError:  # pragma: no cover - a PyNaCl without its cffi module
     _sign = _sign_public
+
+
+def write_durably(temp: Path, data: bytes, mode: int) -> None:
+    """Create ``temp`` (never an existing file or a planted link: ``O_EXCL``) with ``mode``,
+    write all of ``data`` and fsync it; on any failure remove it again, so that no partial
+    file - perhaps holding a secret key - is left behind."""
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]  # a short write goes on where it stopped
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    os.close(fd)
 
 
 def key_id_of(public: bytes) -> str:
@@ -138,12 +157,7 @@ class Signer:
         # start; and link() refuses to replace a key another process created meanwhile.  A
         # rotation means to replace it, and rename() does so atomically.
         temp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, data + b"\n")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_durably(temp, data + b"\n", 0o600)
         if replace:
             os.replace(temp, target)  # atomic: readers see the old file or the new one
         else:

@@ -96,3 +96,36 @@ def test_trust_root_rotation() -> None:
         rotated.rotate(new.key_id, new.rotate(), 3)
     with pytest.raises(TrustError, match="already revoked"):
         rotated.rotate(OLD.key_id, new.rotate(), 9)
+
+
+def test_a_key_file_is_written_whole_even_through_short_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``os.write`` may write less than asked: the rest follows (one call used to be all),
+    so the key file is never torn."""
+    import os
+
+    real = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: real(fd, bytes(data[:7])))
+    signer = Signer.generate()
+    signer.save(tmp_path / "k.key")
+    monkeypatch.undo()
+    assert Signer.load(tmp_path / "k.key").key_id == signer.key_id
+
+
+def test_a_failed_key_write_leaves_no_file_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write that fails (a full disk) leaves neither the key file nor its temporary file,
+    which would hold part of a secret key."""
+    import errno
+    import os
+
+    def full(fd: int, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(OSError, match="No space"):
+        Signer.generate().save(tmp_path / "k.key")
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
