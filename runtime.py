@@ -234,6 +234,10 @@ class Runtime:
         else:
             wf = self.workflow(workflow)
         with self._lock:
+            if run_id is not None and self._exists(run_id):
+                # Refused before the start node runs (the create that would refuse it comes
+                # with that node's commit); a run created meanwhile is still refused there.
+                raise RunExists(run_id)
             # 32 random hex digits (what uuid4().hex looks like, at a fifth of its cost).
             tr = kernel.start(wf, os.urandom(16).hex() if run_id is None else run_id, input,
                               self.clock())
@@ -242,6 +246,13 @@ class Runtime:
             queue: deque[_Work] = deque()
             final = self._advance((None, tr), queue, strict=True)
             return self._settle(final, queue, tr.state.run_id)
+
+    def _exists(self, run_id: str) -> bool:
+        try:
+            self.store.load(run_id)
+        except RunNotFound:
+            return False
+        return True
 
     def resume(self, run_id: str, key: str, payload: Any = None) -> RunState:
         """Deliver ``payload`` to a run waiting on ``key`` and drive it on.

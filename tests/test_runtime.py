@@ -339,6 +339,24 @@ def test_start_with_taken_run_id_is_refused(env: Any, snapshot: Any) -> None:
     assert snapshot(rt, "r1") == before
 
 
+def test_start_with_taken_run_id_does_not_run_the_start_node(env: Any) -> None:
+    """The taken id is refused before the start node runs (a node may have side effects;
+    before, it ran and then the create was refused)."""
+    ran: list[str] = []
+    wf = Workflow("noisy")
+
+    @wf.node(start=True)
+    def first(run: Any) -> Any:
+        ran.append(run.run_id)
+        return ask_user("ok?", into="a", then="first")
+
+    rt = env.open([wf])
+    rt.start(wf, run_id="r1")
+    with pytest.raises(RunExists, match="'r1'"):
+        rt.start(wf, run_id="r1")
+    assert ran == ["r1"]
+
+
 def _shared_listener(workflow_id: str) -> Workflow:
     """A workflow whose runs wait for event ``shared`` and finish with its payload."""
     wf = Workflow(workflow_id)
