@@ -237,6 +237,7 @@ class Runtime:
             if run_id is not None and self._exists(run_id):
                 # Refused before the start node runs (the create that would refuse it comes
                 # with that node's commit); a run created meanwhile is still refused there.
+                # One store read per start with a chosen id; random ids skip it.
                 raise RunExists(run_id)
             # 32 random hex digits (what uuid4().hex looks like, at a fifth of its cost).
             tr = kernel.start(wf, os.urandom(16).hex() if run_id is None else run_id, input,

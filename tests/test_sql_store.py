@@ -211,14 +211,18 @@ def test_processes_race_to_claim(url: str) -> None:
     assert sum(len(ids) for ids in claimed.values()) == 40
 
 
-def _leases(url: str) -> dict[str, tuple[Any, Any]]:
+def _rows(url: str, sql: str) -> list[Any]:
+    """The rows of one query, on a connection of the test's own."""
     engine = _engine(url)
     try:
         with engine.connect() as conn:
-            rows = conn.exec_driver_sql(
-                "SELECT run_id, lease_owner, lease_expires FROM wp_runs").all()
+            return list(conn.exec_driver_sql(sql).all())
     finally:
         engine.dispose()
+
+
+def _leases(url: str) -> dict[str, tuple[Any, Any]]:
+    rows = _rows(url, "SELECT run_id, lease_owner, lease_expires FROM wp_runs")
     return {str(r): (owner, expires) for r, owner, expires in rows}
 
 
@@ -350,13 +354,7 @@ def test_a_terminated_connection_fails_one_call_then_the_store_reconnects(
 
 
 def _positions(url: str) -> list[tuple[int, str, int]]:
-    engine = _engine(url)
-    try:
-        with engine.connect() as conn:
-            rows = conn.exec_driver_sql(
-                "SELECT position, run_id, seq FROM wp_records ORDER BY position").all()
-    finally:
-        engine.dispose()
+    rows = _rows(url, "SELECT position, run_id, seq FROM wp_records ORDER BY position")
     return [(int(p), str(r), int(s)) for p, r, s in rows]
 
 

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -322,28 +322,43 @@ def _sqlite_runtime(tmp_path: Path, wf: Workflow) -> Runtime:
                    home=tmp_path / "home")
 
 
-def test_a_live_worker_renews_the_lease_of_a_long_drive(
-    tmp_path: Path, workers: list[Worker]
-) -> None:
-    """A node that runs for three leases keeps its run: the worker renews the lease while it
-    drives, so another claimer polling all along never gets the run, and no lease is lost."""
-    wf = Workflow("long-node")
+def _long_drive(
+    tmp_path: Path, workers: list[Worker], name: str, lease: float, hold: Callable[[], Any]
+) -> tuple[Runtime, Worker]:
+    """A SQLite runtime whose one RUNNING run ``long`` has a node that calls ``hold()``, and a
+    worker with ``lease`` driving it; returns once the node runs."""
+    wf = Workflow(name)
     entered = threading.Event()
 
     @wf.node(start=True)
     def crawl(run: RunView) -> Any:
         entered.set()
-        time.sleep(1.5)
+        hold()
         return done(1)
 
     rt = _sqlite_runtime(tmp_path, wf)
     _create_running(rt, wf, "long", None)
-    worker = _run(Worker(rt, lease=0.5, poll=5), workers)
+    worker = _run(Worker(rt, lease=lease, poll=5), workers)
     assert entered.wait(5)
-    stolen = []
-    while rt.get("long").status is Status.RUNNING:
+    return rt, worker
+
+
+def _steal(rt: Runtime, until: Callable[[], bool]) -> list[Any]:
+    """What another worker's claims, polling every 50 ms, get until ``until()``."""
+    stolen: list[Any] = []
+    while not until():
         stolen += rt.store.claim(datetime.now(UTC), "thief", timedelta(seconds=5), 10)
         time.sleep(0.05)
+    return stolen
+
+
+def test_a_live_worker_renews_the_lease_of_a_long_drive(
+    tmp_path: Path, workers: list[Worker]
+) -> None:
+    """A node that runs for three leases keeps its run: the worker renews the lease while it
+    drives, so another claimer polling all along never gets the run, and no lease is lost."""
+    rt, worker = _long_drive(tmp_path, workers, "long-node", 0.5, lambda: time.sleep(1.5))
+    stolen = _steal(rt, lambda: rt.get("long").status is not Status.RUNNING)
     assert stolen == []
     assert rt.get("long").status is Status.COMPLETED
     assert worker.stats["lease.lost"] == 0
@@ -684,25 +699,11 @@ def test_a_stopping_worker_keeps_renewing_the_lease_of_the_drive_it_finishes(
     """``stop()`` during a drive longer than the lease: while the worker waits for the drive
     to end, it still renews the run's lease, so another claimer polling all along gets
     nothing; then the drive completes and the worker stops."""
-    wf = Workflow("stop-long")
-    entered, gate = threading.Event(), threading.Event()
-
-    @wf.node(start=True)
-    def crawl(run: RunView) -> Any:
-        entered.set()
-        gate.wait(10)
-        return done(1)
-
-    rt = _sqlite_runtime(tmp_path, wf)
-    _create_running(rt, wf, "long", None)
-    worker = _run(Worker(rt, lease=0.6, poll=5), workers)
-    assert entered.wait(5)
+    gate = threading.Event()
+    rt, worker = _long_drive(tmp_path, workers, "stop-long", 0.6, lambda: gate.wait(10))
     assert not worker.stop(wait=False)
-    stolen = []
     end = time.monotonic() + 2.0  # more than three leases
-    while time.monotonic() < end:
-        stolen += rt.store.claim(datetime.now(UTC), "thief", timedelta(seconds=5), 10)
-        time.sleep(0.05)
+    stolen = _steal(rt, lambda: time.monotonic() >= end)
     gate.set()
     assert worker.stop(timeout=10)
     assert stolen == []
