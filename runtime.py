@@ -325,8 +325,8 @@ class Runtime:
     def cancel(self, run_id: str, reason: str = "cancelled", *, cascade: bool = True) -> RunState:
         """Cancel a run and (by default) every unfinished descendant; return its state."""
         with self._lock:
-            state = self._apply(
-                run_id, lambda s: kernel.cancel(s, reason, self.clock(), cascade=cascade))
+            state = self._apply(run_id, partial(self._cancel_transition, reason,
+                                                cascade=cascade))
             self._log.info("run.cancelled", run_id=run_id, workflow=state.workflow,
                            node=state.node, step=state.step)
             queue: deque[_Work] = deque()
@@ -348,18 +348,17 @@ class Runtime:
             child_id, parent_id, why = stack.pop()
             why = f"parent {parent_id} cancelled: {why}"
             try:
-                child = self.store.load(child_id)
-                if child.status.finished:
-                    continue
                 child = self._apply(child_id, partial(self._cancel_transition, why))
             except (RunNotFound, RunFinished):
-                continue  # never created, or it finished first: nothing to cancel
+                continue  # never created, or finished (before or meanwhile): nothing to do
             self._log.info("run.cancelled", run_id=child_id, workflow=child.workflow,
                            node=child.node, step=child.step)
             stack.extend((grandchild, child_id, why) for grandchild in reversed(child.children))
 
-    def _cancel_transition(self, reason: str, state: RunState) -> Transition:
-        return kernel.cancel(state, reason, self.clock())
+    def _cancel_transition(
+        self, reason: str, state: RunState, *, cascade: bool = True
+    ) -> Transition:
+        return kernel.cancel(state, reason, self.clock(), cascade=cascade)
 
     def get(self, run_id: str) -> RunState:
         """The run's current state; ``RunNotFound`` if there is none."""
