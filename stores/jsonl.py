@@ -1437,28 +1437,21 @@ class JsonlStore:
         its file is gone): the ``SKIP LOCKED`` of ``claim`` and ``take``."""
         run = self._checkout(run_id)
         try:
-            if self._try_lock(run):
-                try:
-                    yield run
-                finally:
-                    self._unlock_run(run)
-                    run.mutex.release()
-                return
-            if not self._batch:
+            locked = self._try_lock(run)
+            if not locked and self._batch:
+                # Perhaps only this store's flusher held it, listing its leaves: try again
+                # once that pass is over, before the next can begin (the flusher never waits
+                # for a run while it holds the index lock, so this cannot deadlock).
+                with self._index_lock:
+                    locked = self._try_lock(run)
+            if not locked:
                 yield None
                 return
-            # Perhaps only this store's flusher held it, listing its leaves: retry once that
-            # pass is over, holding off the next one (it never waits for a run while it
-            # holds the index lock, so this cannot deadlock).
-            with self._index_lock:
-                if not self._try_lock(run):
-                    yield None
-                    return
-                try:
-                    yield run
-                finally:
-                    self._unlock_run(run)
-                    run.mutex.release()
+            try:
+                yield run
+            finally:
+                self._unlock_run(run)
+                run.mutex.release()
         finally:
             self._checkin(run)
 
