@@ -25,7 +25,13 @@ Ed25519 key file under ``./.wakepoint/`` (created on first use), ``batch`` durab
 Logging goes through structlog with ``run_id``, ``workflow``, ``node`` and ``step``; the runtime
 never configures structlog (the application does).  Per-transition events are at debug level.
 
-One ``Runtime`` may be shared by threads: public methods take one re-entrant lock.
+One ``Runtime`` may be shared by threads, and holds no runtime-wide lock: a thread waiting on a
+slow ``call`` never holds up another run.  Two threads that touch one run are resolved as two
+processes are, by the store's per-run hold (JSONL, for a series of commits; it is let go while a
+handler runs) or its seq check: an input that lost the race is re-checked on the new state (or
+refused), and a drive that finds the run moved on (a ``cancel`` during a ``call``, say) leaves it
+to the winner, dropping the late outcome uncommitted.  (Temporal behaves alike: a workflow
+cancelled while an activity runs ignores that activity's result.)
 """
 
 from __future__ import annotations
@@ -150,7 +156,8 @@ class Runtime:
         self._workflows: dict[str, Workflow] = {}
         self._sleep = sleep
         self._rand = rand
-        self._lock = threading.RLock()
+        # Guards only the checkpoint counter, which commits of several threads update.
+        self._cp_count_lock = threading.Lock()
         self._log = structlog.get_logger("wakepoint")
         self.on_due: Callable[[datetime], None] | None = on_due
         """Called with the deadline of every committed wait that has one (after the commit),
@@ -233,20 +240,19 @@ class Runtime:
             wf = workflow
         else:
             wf = self.workflow(workflow)
-        with self._lock:
-            if run_id is not None and self._exists(run_id):
-                # Refused before the start node runs (the create that would refuse it comes
-                # with that node's commit); a run created meanwhile is still refused there.
-                # One store read per start with a chosen id; random ids skip it.
-                raise RunExists(run_id)
-            # 32 random hex digits (what uuid4().hex looks like, at a fifth of its cost).
-            tr = kernel.start(wf, os.urandom(16).hex() if run_id is None else run_id, input,
-                              self.clock())
-            self._log.info("run.started", run_id=tr.state.run_id, workflow=wf.id,
-                           node=tr.state.node, step=tr.state.step)
-            queue: deque[_Work] = deque()
-            final = self._advance((None, tr), queue, strict=True)
-            return self._settle(final, queue, tr.state.run_id)
+        if run_id is not None and self._exists(run_id):
+            # Refused before the start node runs (the create that would refuse it comes
+            # with that node's commit); a run created meanwhile is still refused there.
+            # One store read per start with a chosen id; random ids skip it.
+            raise RunExists(run_id)
+        # 32 random hex digits (what uuid4().hex looks like, at a fifth of its cost).
+        tr = kernel.start(wf, os.urandom(16).hex() if run_id is None else run_id, input,
+                          self.clock())
+        self._log.info("run.started", run_id=tr.state.run_id, workflow=wf.id,
+                       node=tr.state.node, step=tr.state.step)
+        queue: deque[_Work] = deque()
+        final = self._advance((None, tr), queue, strict=True)
+        return self._settle(final, queue, tr.state.run_id)
 
     def _exists(self, run_id: str) -> bool:
         try:
@@ -264,39 +270,37 @@ class Runtime:
         the resume was stored: the run is then RUNNING at that node, and a second ``resume``
         gets ``NotWaiting``.
         """
-        with self._lock:
-            for attempt in range(_RETRIES):
-                state = self.store.load(run_id)
-                wf = self.workflow(state.workflow)
-                try:
-                    state = self._handover(state)
-                except ConflictError:
-                    if attempt == _RETRIES - 1:
-                        raise
-                    continue  # moved meanwhile: reload
-                tr = kernel.resume(wf, state, key, payload, self.clock())
-                queue: deque[_Work] = deque()
-                try:
-                    final = self._advance((state, tr), queue, strict=True)
-                except ConflictError:
-                    if attempt == _RETRIES - 1:
-                        raise
-                    continue  # lost a race: reload, and the kernel re-checks the input
-                return self._settle(final, queue, run_id)
-            raise AssertionError("unreachable: the last attempt returns or raises")
+        for attempt in range(_RETRIES):
+            state = self.store.load(run_id)
+            wf = self.workflow(state.workflow)
+            try:
+                state = self._handover(state)
+            except ConflictError:
+                if attempt == _RETRIES - 1:
+                    raise
+                continue  # moved meanwhile: reload
+            tr = kernel.resume(wf, state, key, payload, self.clock())
+            queue: deque[_Work] = deque()
+            try:
+                final = self._advance((state, tr), queue, strict=True)
+            except ConflictError:
+                if attempt == _RETRIES - 1:
+                    raise
+                continue  # lost a race: reload, and the kernel re-checks the input
+            return self._settle(final, queue, run_id)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def respond(self, run_id: str, answer: Any) -> RunState:
         """Answer the question a run asked with ``ask_user``; ``InvalidAnswer`` if not a choice."""
-        with self._lock:
-            state = self.store.load(run_id)
-            if state.status is not Status.WAITING or state.wait is None or (
-                state.wait.kind != "user"
-            ):
-                if state.status.finished:
-                    raise RunFinished(run_id, state.status.value, "respond", "it has finished")
-                raise NotWaiting(run_id, state.status.value, "respond",
-                                 "it is not waiting for an answer from a person")
-            return self.resume(run_id, state.wait.key, answer)
+        state = self.store.load(run_id)
+        if state.status is not Status.WAITING or state.wait is None or (
+            state.wait.kind != "user"
+        ):
+            if state.status.finished:
+                raise RunFinished(run_id, state.status.value, "respond", "it has finished")
+            raise NotWaiting(run_id, state.status.value, "respond",
+                             "it is not waiting for an answer from a person")
+        return self.resume(run_id, state.wait.key, answer)
 
     def send_event(self, key: str, payload: Any = None) -> builtins.list[RunState]:
         """Resume every run waiting on event ``key`` with ``payload``; return their states.
@@ -307,34 +311,32 @@ class Runtime:
         """
         value_digest(payload, f"payload of event {key!r}")  # refuse before touching any run
         resumed: builtins.list[RunState] = []
-        with self._lock:
-            for state in self.store.find_waiting(key):
-                if state.wait is None or state.wait.kind != "event" or not self._serves(state):
-                    continue
-                try:
-                    resumed.append(self.resume(state.run_id, key, payload))
-                except (ConflictError, IllegalTransition, WrongWaitKey) as exc:
-                    # Another process resumed it first (or it moved on): not ours to deliver.
-                    self._log.debug("event.skipped", run_id=state.run_id, key=key,
-                                    reason=str(exc))
-                except WakepointError as exc:
-                    self._log.error("event.undeliverable", run_id=state.run_id, key=key,
-                                    workflow=state.workflow, error=str(exc))
+        for state in self.store.find_waiting(key):
+            if state.wait is None or state.wait.kind != "event" or not self._serves(state):
+                continue
+            try:
+                resumed.append(self.resume(state.run_id, key, payload))
+            except (ConflictError, IllegalTransition, WrongWaitKey) as exc:
+                # Another process resumed it first (or it moved on): not ours to deliver.
+                self._log.debug("event.skipped", run_id=state.run_id, key=key,
+                                reason=str(exc))
+            except WakepointError as exc:
+                self._log.error("event.undeliverable", run_id=state.run_id, key=key,
+                                workflow=state.workflow, error=str(exc))
         return resumed
 
     def cancel(self, run_id: str, reason: str = "cancelled", *, cascade: bool = True) -> RunState:
         """Cancel a run and (by default) every unfinished descendant; return its state."""
-        with self._lock:
-            state = self._apply(run_id, partial(self._cancel_transition, reason,
-                                                cascade=cascade))
-            self._log.info("run.cancelled", run_id=run_id, workflow=state.workflow,
-                           node=state.node, step=state.step)
-            queue: deque[_Work] = deque()
-            if cascade:
-                self._cancel_descendants(state, reason)
-            self._finished(state, queue)
-            self._run_queue(queue)
-            return self.store.load(run_id)
+        state = self._apply(run_id, partial(self._cancel_transition, reason,
+                                            cascade=cascade))
+        self._log.info("run.cancelled", run_id=run_id, workflow=state.workflow,
+                       node=state.node, step=state.step)
+        queue: deque[_Work] = deque()
+        if cascade:
+            self._cancel_descendants(state, reason)
+        self._finished(state, queue)
+        self._run_queue(queue)
+        return self.store.load(run_id)
 
     def _cancel_descendants(self, root: RunState, reason: str) -> None:
         """Cancel every unfinished descendant of the cancelled ``root``, depth first.
@@ -388,32 +390,31 @@ class Runtime:
         stop the recovery of the others.  Run it at process start, before other workers could
         be handling the same runs (the worker's leases make that safe with several processes).
         """
-        with self._lock:
-            repair = getattr(self.store, "repair_index", None)
-            if repair is not None:
-                repair()  # commits a crash left out of the store's global order
-            now = self.clock()
-            queue: deque[_Work] = deque()
-            touched: builtins.list[str] = []
-            for state in self.store.list(status=Status.RUNNING):
-                if self._serves(state) and not self._cascade_cancel_quietly(state):
-                    queue.append((state, None))
-                touched.append(state.run_id)
-            for state in self.store.list(status=Status.WAITING):
-                if not self._serves(state):
-                    continue
-                try:
-                    if self._recover_waiting(state, now, queue):
-                        touched.append(state.run_id)
-                except ConflictError:
-                    continue  # another process got there first
-                except WakepointError as exc:
-                    self._log.error("recover.skipped", run_id=state.run_id,
-                                    workflow=state.workflow, node=state.node,
-                                    step=state.step, error=str(exc))
-            self._run_queue(queue, tolerant=True)
-            self._log.info("recovered", runs=len(touched))
-            return [self.store.load(r) for r in dict.fromkeys(touched)]
+        repair = getattr(self.store, "repair_index", None)
+        if repair is not None:
+            repair()  # commits a crash left out of the store's global order
+        now = self.clock()
+        queue: deque[_Work] = deque()
+        touched: builtins.list[str] = []
+        for state in self.store.list(status=Status.RUNNING):
+            if self._serves(state) and not self._cascade_cancel_quietly(state):
+                queue.append((state, None))
+            touched.append(state.run_id)
+        for state in self.store.list(status=Status.WAITING):
+            if not self._serves(state):
+                continue
+            try:
+                if self._recover_waiting(state, now, queue):
+                    touched.append(state.run_id)
+            except ConflictError:
+                continue  # another process got there first
+            except WakepointError as exc:
+                self._log.error("recover.skipped", run_id=state.run_id,
+                                workflow=state.workflow, node=state.node,
+                                step=state.step, error=str(exc))
+        self._run_queue(queue, tolerant=True)
+        self._log.info("recovered", runs=len(touched))
+        return [self.store.load(r) for r in dict.fromkeys(touched)]
 
     def _recover_waiting(self, state: RunState, now: datetime, queue: deque[_Work]) -> bool:
         """Recover one WAITING run; whether there was anything to do."""
@@ -480,14 +481,14 @@ class Runtime:
         which requested the effect is gone may ask for that, or the effect runs twice.  A run
         that cannot advance is logged, never raised; a lost race leaves the run to the winner.
 
-        Meant for workers, which call it for runs they claimed: unlike the other public
-        methods it takes no runtime-wide lock, so that one runtime can drive several runs at
-        once; concurrent drives of one run are resolved by the store's seq check, as between
-        processes.  ``state``: the run's state as the claim returned it (saves a read; a
-        commit since then makes this drive's first commit conflict, and the run is left to
-        whoever made it).  Ignored with ``redispatch``: the effect is dispatched again before
-        anything is committed, so only the state read now (after the caller took the run) may
-        decide it - a listed state could predate the outcome its live dispatcher committed.
+        Meant for workers, which call it for runs they claimed from several threads at once;
+        concurrent drives of one run are resolved by the store's seq check, as between
+        processes (see the module's docstring).  ``state``: the run's state as the claim
+        returned it (saves a read; a commit since then makes this drive's first commit
+        conflict, and the run is left to whoever made it).  Ignored with ``redispatch``: the
+        effect is dispatched again before anything is committed, so only the state read now
+        (after the caller took the run) may decide it - a listed state could predate the
+        outcome its live dispatcher committed.
         """
         if state is None or redispatch:
             state = self.store.load(run_id)
@@ -535,21 +536,20 @@ class Runtime:
 
     def wake_due(self, now: datetime | None = None) -> builtins.list[RunState]:
         """Fire every timer and deadline that is due at ``now``; return the runs' new states."""
-        with self._lock:
-            now = now or self.clock()
-            queue: deque[_Work] = deque()
-            for due in self.store.list(status=Status.WAITING, due_before=now):
-                if not self._serves(due):
-                    continue
-                try:
-                    state = self._handover(due)
-                except ConflictError:
-                    continue  # another process got there first
-                queue.append((state, kernel.timeout(state, now)))
-            woken = [state.run_id for state, _ in queue if state is not None]
-            # Tolerant: a run another process woke first conflicts and is left to it.
-            self._run_queue(queue, tolerant=True)
-            return [self.store.load(r) for r in woken]
+        now = now or self.clock()
+        queue: deque[_Work] = deque()
+        for due in self.store.list(status=Status.WAITING, due_before=now):
+            if not self._serves(due):
+                continue
+            try:
+                state = self._handover(due)
+            except ConflictError:
+                continue  # another process got there first
+            queue.append((state, kernel.timeout(state, now)))
+        woken = [state.run_id for state, _ in queue if state is not None]
+        # Tolerant: a run another process woke first conflicts and is left to it.
+        self._run_queue(queue, tolerant=True)
+        return [self.store.load(r) for r in woken]
 
     def next_due(self) -> datetime | None:
         """The earliest deadline of any waiting run (what an alarm clock should wait for)."""
@@ -605,9 +605,11 @@ class Runtime:
         if self.on_due is not None and wait is not None and wait.deadline is not None:
             self.on_due(wait.deadline)
         if self._checkpoint_fn is not None:
-            self._cp_pending += len(records)
+            with self._cp_count_lock:
+                self._cp_pending += len(records)
+                pending = self._cp_pending
             elapsed = time.monotonic() - self._cp_last
-            if self._cp_pending >= self._cp_records or elapsed >= self._cp_seconds or (
+            if pending >= self._cp_records or elapsed >= self._cp_seconds or (
                 state.status.finished and elapsed >= _CHECKPOINT_MIN_INTERVAL
             ):
                 self._checkpoint_quietly()
@@ -627,7 +629,8 @@ class Runtime:
         with self._cp_lock:
             pending = self._cp_pending
             note = fn(self.signer)
-            self._cp_pending -= pending  # records committed meanwhile stay pending
+            with self._cp_count_lock:
+                self._cp_pending -= pending  # records committed meanwhile stay pending
             self._cp_last = time.monotonic()
             return note
 
@@ -761,33 +764,38 @@ class Runtime:
         tick, clock, sign, store, running = (
             kernel.tick, self.clock, self._sign, self._store, Status.RUNNING)
         first = True
+        hold = self.store.hold
         try:
-            with self.store.hold(state.run_id):
-                while True:
-                    effect: Effect | None = None
-                    if state.status is running:
-                        try:
-                            tr = tick(wf, state, clock())
-                        except WakepointError:
-                            if records:  # keep the input; the node's failure is the caller's
-                                store(committed, state, records)
-                            raise
-                        state = sign(tr, records)
-                        debug("transition", run_id=state.run_id, workflow=state.workflow,
-                              node=state.node, step=state.step, kind=tr.entries[0].kind)
-                        if tr.effects:
-                            effect = tr.effects[0]
-                    if records:
-                        store(committed, state, records)
-                        committed, records, first = state, [], False
-                    if effect is not None:
-                        # The request is committed: now the handler may act on it.
-                        outcome = self._dispatch(state, effect, queue)
-                        if outcome is not None:
-                            state = self._sign(outcome, records)
-                            continue
-                    if state.status is not running:
-                        break
+            while True:
+                effect: Effect | None = None
+                with hold(state.run_id):
+                    while True:
+                        if state.status is running:
+                            try:
+                                tr = tick(wf, state, clock())
+                            except WakepointError:
+                                if records:  # keep the input; the node's failure is the caller's
+                                    store(committed, state, records)
+                                raise
+                            state = sign(tr, records)
+                            debug("transition", run_id=state.run_id, workflow=state.workflow,
+                                  node=state.node, step=state.step, kind=tr.entries[0].kind)
+                            if tr.effects:
+                                effect = tr.effects[0]
+                        if records:
+                            store(committed, state, records)
+                            committed, records, first = state, [], False
+                        if effect is not None or state.status is not running:
+                            break
+                if effect is None:
+                    break
+                # The request is committed: now the handler may act on it - outside the hold,
+                # so that a slow ``call`` never keeps a ``cancel`` (another thread's or another
+                # process's) waiting; if one lands meanwhile, committing the outcome conflicts.
+                outcome = self._dispatch(state, effect, queue)
+                if outcome is None:
+                    break
+                state = self._sign(outcome, records)
         except ConflictError:
             if strict and first:
                 raise

@@ -9,7 +9,10 @@ Choices made here (where the design is silent), after Temporal and DBOS:
   retries only the exceptions it names (all ``Exception``s when it names none).  Backoff sleeps
   happen in the handler, in-process.  ``timeout`` runs each attempt in a daemon thread and stops
   waiting for it when the time is up (Python cannot kill a thread; the attempt is abandoned and
-  counts as a ``TimeoutError``).  A function that declares an ``idempotency_key`` parameter
+  counts as a ``TimeoutError``).  Abandoned attempts that are still running are counted
+  process-wide; while there are ``MAX_ABANDONED_ATTEMPTS`` of them, a timed attempt is not
+  started and fails with ``TooManyAbandonedCalls`` (retried like any failure), so that a
+  function that hangs for good cannot pile up threads without bound.  A function that declares an ``idempotency_key`` parameter
   receives ``run_id:step``, the same value on every attempt and after every crash.
 * A failure the policy does not retry, or the last one, becomes ``Failed`` with the exception's
   type name and message.
@@ -154,23 +157,52 @@ class CallHandler:
                 ctx.sleep(policy.delay(attempt, ctx.random()))
 
 
+MAX_ABANDONED_ATTEMPTS = 64
+"""How many timed-out ``call`` attempts may still be running (process-wide) before further
+timed attempts are refused with ``TooManyAbandonedCalls``."""
+
+_abandoned = 0  # timed-out attempts whose thread still runs
+_abandoned_lock = threading.Lock()
+
+
+class TooManyAbandonedCalls(RuntimeError):
+    """A timed ``call`` attempt was not started: too many earlier ones that timed out are
+    still running (see ``MAX_ABANDONED_ATTEMPTS``)."""
+
+
 def _attempt(
     fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any], timeout: float | None
 ) -> Any:
+    global _abandoned
     if timeout is None:
         return fn(*args, **kwargs)
+    with _abandoned_lock:
+        if _abandoned >= MAX_ABANDONED_ATTEMPTS:
+            raise TooManyAbandonedCalls(
+                f"attempt not started: {_abandoned} earlier attempts that timed out are still "
+                f"running (limit MAX_ABANDONED_ATTEMPTS={MAX_ABANDONED_ATTEMPTS})")
     box: dict[str, Any] = {}
 
     def target() -> None:
+        global _abandoned
         try:
             box["value"] = fn(*args, **kwargs)
         except BaseException as exc:  # handed to the waiting thread, which re-raises it
             box["error"] = exc
+        finally:
+            with _abandoned_lock:
+                box["done"] = True
+                if "abandoned" in box:
+                    _abandoned -= 1
 
     worker = threading.Thread(target=target, name="wakepoint-call", daemon=True)
     worker.start()
     worker.join(timeout)
-    if worker.is_alive():
+    with _abandoned_lock:  # decided under the lock, so that the count cannot miss the end
+        if "done" not in box:
+            box["abandoned"] = True
+            _abandoned += 1
+    if "abandoned" in box:
         raise TimeoutError(f"call did not finish within {timeout} s")
     if "error" in box:
         raise box["error"]

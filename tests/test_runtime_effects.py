@@ -801,3 +801,123 @@ def test_handler_without_handle_method_is_rejected(env: Any) -> None:
     """Registering an object without ``handle`` fails at construction, naming the kind."""
     with pytest.raises(TypeError, match="'nonsense'"):
         env.open([], handlers={"nonsense": object()})
+
+
+# --- one runtime, many threads -------------------------------------------------------------
+
+
+class Gate:
+    """A function that blocks until released; ``entered`` is set once it is running."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self) -> str:
+        self.entered.set()
+        self.release.wait(30)
+        return "late"
+
+
+def _in_thread(fn: Any) -> tuple[threading.Thread, list[Any]]:
+    out: list[Any] = []
+
+    def target() -> None:
+        try:
+            out.append(fn())
+        except BaseException as exc:  # handed to the test, which asserts on it
+            out.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def test_slow_call_does_not_block_other_runs(env: Any) -> None:
+    """While one thread's run waits on a slow ``call``, other threads start, answer and
+    signal other runs of the same runtime (no runtime-wide lock is held across a drive)."""
+    gate = Gate()
+    rt = env.open([caller, review, webhook], {"slow": gate})
+    slow, slow_out = _in_thread(lambda: rt.start(caller, {"fn": "slow"}, run_id="c1"))
+    try:
+        assert gate.entered.wait(10)
+
+        def others() -> list[Status]:
+            rt.start(review, run_id="r1")
+            rt.start(webhook, {"key": "hook"}, run_id="w1")
+            return [rt.respond("r1", "approve").status,
+                    *(s.status for s in rt.send_event("hook", {"n": 1}))]
+
+        other, other_out = _in_thread(others)
+        other.join(10)
+        assert not other.is_alive(), "other runs waited for the slow call"
+        assert other_out == [[Status.COMPLETED, Status.COMPLETED]]
+    finally:
+        gate.release.set()
+    slow.join(10)
+    assert slow_out[0].status is Status.COMPLETED
+    for run_id in ("c1", "r1", "w1"):
+        env.check_ledger(rt, run_id)
+
+
+def test_cancel_during_a_call_takes_effect_at_once(env: Any) -> None:
+    """``cancel`` from another thread while the run's ``call`` is running commits at once; the
+    call's late result is dropped (the drive finds the run moved on) and never recorded."""
+    gate = Gate()
+    rt = env.open([caller], {"slow": gate})
+    slow, slow_out = _in_thread(lambda: rt.start(caller, {"fn": "slow"}, run_id="c1"))
+    try:
+        assert gate.entered.wait(10)
+        canceller, cancel_out = _in_thread(lambda: rt.cancel("c1", "operator"))
+        canceller.join(10)
+        assert not canceller.is_alive(), "cancel waited for the running call"
+        assert cancel_out[0].status is Status.CANCELLED
+    finally:
+        gate.release.set()
+    slow.join(10)
+    assert not slow.is_alive()
+    assert slow_out[0].status is Status.CANCELLED
+    assert "result" not in rt.get("c1").vars
+    assert env.kinds(rt, "c1") == ["run.started", "effect.requested", "run.cancelled",
+                                   "run.sealed"]
+    env.check_ledger(rt, "c1")
+
+
+def test_abandoned_call_attempts_are_bounded(env: Any, monkeypatch: Any) -> None:
+    """Timed-out attempts still running are counted process-wide; at the limit a timed attempt
+    is not started (``TooManyAbandonedCalls``), and once they end, calls run again."""
+    from wakepoint.effects import builtins as handlers
+
+    def settle() -> None:  # the count is process-wide: wait for other tests' attempts to end
+        waited = time.monotonic() + 10
+        while handlers._abandoned and time.monotonic() < waited:
+            time.sleep(0.01)
+        assert handlers._abandoned == 0
+
+    settle()
+    monkeypatch.setattr(handlers, "MAX_ABANDONED_ATTEMPTS", 2)
+    release = threading.Event()
+    started: list[str] = []
+
+    def hang(*, idempotency_key: str) -> str:
+        started.append(idempotency_key)
+        release.wait(30)
+        return "late"
+
+    rt = env.open([caller], {"hang": hang})
+    spec = {"fn": "hang", "timeout": 0.05, "retry": {"attempts": 2}}
+    try:
+        first = rt.start(caller, spec, run_id="c1")
+        assert first.error.type == "TimeoutError"
+        assert handlers._abandoned == 2
+        refused = rt.start(caller, spec, run_id="c2")
+    finally:
+        release.set()
+    assert refused.status is Status.FAILED
+    assert refused.error.type == "TooManyAbandonedCalls"
+    assert "2 earlier attempts" in refused.error.message
+    settle()
+    assert "c2:2" not in started
+    assert rt.start(caller, spec, run_id="c3").output == "late"
+    for run_id in ("c1", "c2", "c3"):
+        env.check_ledger(rt, run_id)
