@@ -158,6 +158,11 @@ class Runtime:
         self._rand = rand
         # Guards only the checkpoint counter, which commits of several threads update.
         self._cp_count_lock = threading.Lock()
+        # Runs a thread of this runtime is driving, or dispatching an effect of, right now
+        # (run id -> how many): recovery leaves them to that thread - dispatching a running
+        # ``call`` again would run it twice.
+        self._active: dict[str, int] = {}
+        self._active_lock = threading.Lock()
         self._log = structlog.get_logger("wakepoint")
         self.on_due: Callable[[datetime], None] | None = on_due
         """Called with the deadline of every committed wait that has one (after the commit),
@@ -389,6 +394,7 @@ class Runtime:
         left alone, and a run that cannot advance is logged and skipped, never allowed to
         stop the recovery of the others.  Run it at process start, before other workers could
         be handling the same runs (the worker's leases make that safe with several processes).
+        Runs a thread of this runtime is driving meanwhile are left to that thread.
         """
         repair = getattr(self.store, "repair_index", None)
         if repair is not None:
@@ -396,12 +402,15 @@ class Runtime:
         now = self.clock()
         queue: deque[_Work] = deque()
         touched: builtins.list[str] = []
+        active = self._active  # driven by a thread of ours right now: left to it
         for state in self.store.list(status=Status.RUNNING):
+            if state.run_id in active:
+                continue
             if self._serves(state) and not self._cascade_cancel_quietly(state):
                 queue.append((state, None))
             touched.append(state.run_id)
         for state in self.store.list(status=Status.WAITING):
-            if not self._serves(state):
+            if not self._serves(state) or state.run_id in active:
                 continue
             try:
                 if self._recover_waiting(state, now, queue):
@@ -492,8 +501,8 @@ class Runtime:
         """
         if state is None or redispatch:
             state = self.store.load(run_id)
-        if not self._serves(state):
-            return state
+        if not self._serves(state) or run_id in self._active:
+            return state  # not ours, or a thread of this runtime drives it right now
         queue: deque[_Work] = deque()
         if state.status is Status.RUNNING:
             if not self._cascade_cancel_quietly(state):
@@ -735,6 +744,32 @@ class Runtime:
     def _advance(
         self, work: _Work, queue: deque[_Work], *, strict: bool = False
     ) -> RunState | None:
+        """``_drive``, with the run marked as driven by this runtime meanwhile."""
+        committed, pending = work
+        state = pending.state if pending is not None else committed
+        assert state is not None
+        run_id = state.run_id
+        self._mark(run_id)
+        try:
+            return self._drive(work, queue, strict=strict)
+        finally:
+            self._unmark(run_id)
+
+    def _mark(self, run_id: str) -> None:
+        with self._active_lock:
+            self._active[run_id] = self._active.get(run_id, 0) + 1
+
+    def _unmark(self, run_id: str) -> None:
+        with self._active_lock:
+            left = self._active[run_id] - 1
+            if left:
+                self._active[run_id] = left
+            else:
+                del self._active[run_id]
+
+    def _drive(
+        self, work: _Work, queue: deque[_Work], *, strict: bool = False
+    ) -> RunState | None:
         """Drive one run until it blocks or finishes, queueing the runs it affects.
 
         ``work`` is the run's last committed state (None: not created yet) and a transition
@@ -821,6 +856,7 @@ class Runtime:
         assert wait is not None
         kind = effect_kind(effect)
         context = _Context(self, queue)
+        self._mark(state.run_id)  # recovery (another thread's) must not dispatch it again
         try:
             outcome = self.handlers[kind].handle(effect, state, context)
         except (StoreError, ConflictError):
@@ -829,6 +865,8 @@ class Runtime:
             raise
         except Exception as exc:  # a handler bug or UnknownEffect: the effect failed
             outcome = Failed(type=type(exc).__qualname__, message=str(exc))
+        finally:
+            self._unmark(state.run_id)
         if isinstance(outcome, Parked):
             return None
         now = self.clock()

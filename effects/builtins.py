@@ -12,8 +12,9 @@ Choices made here (where the design is silent), after Temporal and DBOS:
   counts as a ``TimeoutError``).  Abandoned attempts that are still running are counted
   process-wide; while there are ``MAX_ABANDONED_ATTEMPTS`` of them, a timed attempt is not
   started and fails with ``TooManyAbandonedCalls`` (retried like any failure), so that a
-  function that hangs for good cannot pile up threads without bound.  A function that declares an ``idempotency_key`` parameter
-  receives ``run_id:step``, the same value on every attempt and after every crash.
+  function that hangs for good cannot pile up threads without bound.  A function that
+  declares an ``idempotency_key`` parameter receives ``run_id:step``, the same value on every
+  attempt and after every crash.
 * A failure the policy does not retry, or the last one, becomes ``Failed`` with the exception's
   type name and message.
 """
@@ -161,8 +162,15 @@ MAX_ABANDONED_ATTEMPTS = 64
 """How many timed-out ``call`` attempts may still be running (process-wide) before further
 timed attempts are refused with ``TooManyAbandonedCalls``."""
 
-_abandoned = 0  # timed-out attempts whose thread still runs
-_abandoned_lock = threading.Lock()
+class _Abandoned:
+    """The process-wide count of timed-out attempts whose thread still runs."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.running = 0
+
+
+_abandoned = _Abandoned()
 
 
 class TooManyAbandonedCalls(RuntimeError):
@@ -173,35 +181,33 @@ class TooManyAbandonedCalls(RuntimeError):
 def _attempt(
     fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any], timeout: float | None
 ) -> Any:
-    global _abandoned
     if timeout is None:
         return fn(*args, **kwargs)
-    with _abandoned_lock:
-        if _abandoned >= MAX_ABANDONED_ATTEMPTS:
+    with _abandoned.lock:
+        if _abandoned.running >= MAX_ABANDONED_ATTEMPTS:
             raise TooManyAbandonedCalls(
-                f"attempt not started: {_abandoned} earlier attempts that timed out are still "
-                f"running (limit MAX_ABANDONED_ATTEMPTS={MAX_ABANDONED_ATTEMPTS})")
+                f"attempt not started: {_abandoned.running} earlier attempts that timed out "
+                f"are still running (limit MAX_ABANDONED_ATTEMPTS={MAX_ABANDONED_ATTEMPTS})")
     box: dict[str, Any] = {}
 
     def target() -> None:
-        global _abandoned
         try:
             box["value"] = fn(*args, **kwargs)
         except BaseException as exc:  # handed to the waiting thread, which re-raises it
             box["error"] = exc
         finally:
-            with _abandoned_lock:
+            with _abandoned.lock:
                 box["done"] = True
                 if "abandoned" in box:
-                    _abandoned -= 1
+                    _abandoned.running -= 1
 
     worker = threading.Thread(target=target, name="wakepoint-call", daemon=True)
     worker.start()
     worker.join(timeout)
-    with _abandoned_lock:  # decided under the lock, so that the count cannot miss the end
+    with _abandoned.lock:  # decided under the lock, so that the count cannot miss the end
         if "done" not in box:
             box["abandoned"] = True
-            _abandoned += 1
+            _abandoned.running += 1
     if "abandoned" in box:
         raise TimeoutError(f"call did not finish within {timeout} s")
     if "error" in box:

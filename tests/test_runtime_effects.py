@@ -812,8 +812,10 @@ class Gate:
     def __init__(self) -> None:
         self.entered = threading.Event()
         self.release = threading.Event()
+        self.calls = 0
 
     def __call__(self) -> str:
+        self.calls += 1
         self.entered.set()
         self.release.wait(30)
         return "late"
@@ -890,9 +892,9 @@ def test_abandoned_call_attempts_are_bounded(env: Any, monkeypatch: Any) -> None
 
     def settle() -> None:  # the count is process-wide: wait for other tests' attempts to end
         waited = time.monotonic() + 10
-        while handlers._abandoned and time.monotonic() < waited:
+        while handlers._abandoned.running and time.monotonic() < waited:
             time.sleep(0.01)
-        assert handlers._abandoned == 0
+        assert handlers._abandoned.running == 0
 
     settle()
     monkeypatch.setattr(handlers, "MAX_ABANDONED_ATTEMPTS", 2)
@@ -909,7 +911,7 @@ def test_abandoned_call_attempts_are_bounded(env: Any, monkeypatch: Any) -> None
     try:
         first = rt.start(caller, spec, run_id="c1")
         assert first.error.type == "TimeoutError"
-        assert handlers._abandoned == 2
+        assert handlers._abandoned.running == 2
         refused = rt.start(caller, spec, run_id="c2")
     finally:
         release.set()
@@ -921,3 +923,25 @@ def test_abandoned_call_attempts_are_bounded(env: Any, monkeypatch: Any) -> None
     assert rt.start(caller, spec, run_id="c3").output == "late"
     for run_id in ("c1", "c2", "c3"):
         env.check_ledger(rt, run_id)
+
+
+def test_recovery_leaves_a_running_call_to_its_thread(env: Any) -> None:
+    """``recover()`` or ``recover_run(redispatch=True)`` from another thread while a ``call``
+    runs do not dispatch it again: the runtime knows its own thread is on it."""
+    gate = Gate()
+    rt = env.open([caller], {"slow": gate})
+    slow, slow_out = _in_thread(lambda: rt.start(caller, {"fn": "slow"}, run_id="c1"))
+    try:
+        assert gate.entered.wait(10)
+        recovering, recover_out = _in_thread(
+            lambda: (rt.recover(), rt.recover_run("c1", redispatch=True)))
+        recovering.join(10)
+        assert not recovering.is_alive(), "recovery dispatched the running call again"
+        assert recover_out[0][1].status is Status.WAITING
+        assert gate.calls == 1
+    finally:
+        gate.release.set()
+    slow.join(10)
+    assert slow_out[0].output == "late"
+    assert gate.calls == 1
+    env.check_ledger(rt, "c1")
