@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from wakepoint.stores.spares import process_alive
+
 PG_ROOT = Path("/usr/lib/postgresql")
 
 
@@ -135,21 +137,12 @@ class PgServer:
                 self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "-t", "30",
                           "stop")
                 deadline = time.monotonic() + 10
-                while _alive(self.pid) and time.monotonic() < deadline:
+                while process_alive(self.pid) and time.monotonic() < deadline:
                     time.sleep(0.05)
-                if _alive(self.pid):
+                if process_alive(self.pid):
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(self.pid, signal.SIGKILL)
                 self.pid = None
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

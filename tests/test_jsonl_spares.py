@@ -1,0 +1,208 @@
+"""Spare run files (``stores.spares``): a JSONL store links a new run's file from an empty file
+made ahead by a background thread.  These tests check that runs still land in files of their
+own, that the spares are private to one process (forks included), cleaned up after crashes and
+at close, and that the store falls back to creating files itself whenever spares fail."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from wakepoint.kernel import transitions
+from wakepoint.kernel.errors import RunExists
+from wakepoint.kernel.steps import done
+from wakepoint.kernel.workflow import RunView, Workflow
+from wakepoint.ledger.keys import Signer
+from wakepoint.ledger.records import sign_entries, verify_chain
+from wakepoint.stores.jsonl import JsonlStore
+from wakepoint.stores.spares import SparePool
+
+T0 = datetime(2030, 1, 1, tzinfo=UTC)
+ONE = Workflow("spares.one")
+
+
+@ONE.node(start=True)
+def only(run: RunView) -> Any:
+    return done(run.input)
+
+
+SIGNER = Signer.from_seed(b"jsonl-spares-test-signer-seed-32")
+
+
+def _create(store: JsonlStore, run_id: str, value: Any = None) -> None:
+    tr = transitions.start(ONE, run_id, value, T0)
+    state, records = sign_entries(SIGNER, store.log_id, tr.state, tr.entries, T0,
+                                  prev_seq=tr.state.seq, prev_head=tr.state.head)
+    store.create(state, records)
+
+
+def _wait_for(predicate: Any, what: str) -> None:
+    deadline = time.monotonic() + 10
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def _spares(store_dir: Path) -> list[str]:
+    spare_dir = store_dir / "spare"
+    return sorted(os.listdir(spare_dir)) if spare_dir.exists() else []
+
+
+@pytest.fixture
+def store_dir(tmp_path: Path) -> Iterator[Path]:
+    yield tmp_path / "store"
+
+
+def test_new_runs_are_linked_from_spares_and_each_has_its_own_file(store_dir: Path) -> None:
+    """Runs created once spares are ready get distinct files (no two share an inode), each with
+    one name once the pool dropped the spare names; ledgers verify; close removes the rest."""
+    store = JsonlStore(store_dir, durability="none", spares=4)
+    _create(store, "first")  # starts the pool (this run may or may not get a spare)
+    pool = store._spares
+    assert pool is not None
+    _wait_for(lambda: len(pool._ready) == 4, "the pool to fill")
+    spare_inodes = {os.stat(p).st_ino for p in pool._ready}
+    for i in range(12):
+        _create(store, f"r{i}", i)
+    runs = store_dir / "runs"
+    inodes = {os.stat(runs / f"r{i}.jsonl").st_ino for i in range(12)}
+    assert len(inodes) == 12
+    assert spare_inodes <= inodes, "the ready spares became run files"
+    _wait_for(lambda: all(os.stat(runs / f"r{i}.jsonl").st_nlink == 1 for i in range(12)),
+              "spare names to be dropped")
+    assert len(_spares(store_dir)) == 4
+    for i in range(12):
+        assert store.load(f"r{i}").input == i
+        assert verify_chain(store.ledger(f"r{i}"), SIGNER) == 1
+    store.close()
+    assert _spares(store_dir) == []
+    assert store._spares is not None and store._spares._thread is not None
+    assert not store._spares._thread.is_alive()
+
+
+def test_a_taken_name_keeps_its_spare_and_is_refused(store_dir: Path) -> None:
+    """Linking a spare to a run file that exists fails (``link`` never replaces): the create
+    is ``RunExists`` as before, the existing run is untouched, and the spare goes back."""
+    store = JsonlStore(store_dir, durability="none", spares=2)
+    other = JsonlStore(store_dir, durability="none", spares=0)
+    _create(store, "warm")
+    pool = store._spares
+    assert pool is not None
+    _wait_for(lambda: len(pool._ready) == 2, "the pool to fill")
+    _create(other, "taken", "theirs")
+    with pytest.raises(RunExists):
+        _create(store, "taken", "mine")
+    assert len(pool._ready) == 2
+    assert store.load("taken").input == "theirs"
+    assert os.stat(store_dir / "runs" / "taken.jsonl").st_nlink == 1
+    store.close()
+    other.close()
+
+
+def test_spares_of_dead_processes_and_predecessors_are_removed(store_dir: Path) -> None:
+    """A pool starting up removes spares of pids that are gone and of its own pid (made by a
+    predecessor), and keeps a live process's."""
+    spare_dir = store_dir / "spare"
+    spare_dir.mkdir(parents=True)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead_pid = int(gone.stdout)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        for name in (f"{dead_pid}-aaaa-0", f"{os.getpid()}-bbbb-0", f"{live.pid}-cccc-0",
+                     "notes.txt"):
+            (spare_dir / name).write_bytes(b"")
+        pool = SparePool(str(spare_dir), size=1)
+        pool.take()  # starts the thread (it cleans up before it makes spares)
+        _wait_for(lambda: not (spare_dir / f"{dead_pid}-aaaa-0").exists(), "cleanup")
+        _wait_for(lambda: not (spare_dir / f"{os.getpid()}-bbbb-0").exists(), "cleanup")
+        assert (spare_dir / f"{live.pid}-cccc-0").exists()
+        assert (spare_dir / "notes.txt").exists()
+        pool.close()
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_a_forked_child_never_takes_its_parents_spares(store_dir: Path) -> None:
+    """After ``fork`` the child's pool starts afresh with spares of its own (named with its
+    pid): parent and child never link one inode to two runs."""
+    pool = SparePool(str(store_dir / "spare"), size=3)
+    pool.take()
+    _wait_for(lambda: len(pool._ready) == 3, "the pool to fill")
+    parents = set(pool._ready)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report what it is handed, then leave without cleanup
+        try:
+            got = pool.take()
+            deadline = time.monotonic() + 10
+            while got is None and time.monotonic() < deadline:
+                time.sleep(0.005)
+                got = pool.take()
+            os.write(write_end, (got or "").encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    _, status = os.waitpid(pid, 0)
+    child_got = os.read(read_end, 4096).decode()
+    os.close(read_end)
+    assert status == 0
+    assert child_got and child_got not in parents
+    assert os.path.basename(child_got).startswith(f"{pid}-")
+    assert set(pool._ready) == parents
+    pool.close()
+
+
+def test_store_creates_files_itself_when_spares_fail(
+    store_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No spare directory possible (a file is in its place), or a link refused by the file
+    system: runs are still created, inline, and the pool is given up."""
+    store_dir.mkdir()
+    (store_dir / "spare").write_bytes(b"not a directory")
+    store = JsonlStore(store_dir, durability="none", spares=2)
+    _create(store, "a", 1)
+    pool = store._spares
+    assert pool is not None
+    _wait_for(lambda: pool.broken, "the pool to give up")
+    _create(store, "b", 2)
+    assert [store.load(r).input for r in ("a", "b")] == [1, 2]
+    store.close()
+
+    (store_dir / "spare").unlink()
+    store = JsonlStore(store_dir, durability="none", spares=2)
+    _create(store, "c", 3)
+    pool = store._spares
+    assert pool is not None
+    _wait_for(lambda: len(pool._ready) == 2, "the pool to fill")
+
+    def no_links(src: str, dst: str) -> None:
+        raise PermissionError(1, "Operation not permitted", src)
+
+    monkeypatch.setattr(os, "link", no_links)
+    _create(store, "d", 4)
+    assert store._spares is None and pool.broken
+    _create(store, "e", 5)
+    assert [store.load(r).input for r in ("c", "d", "e")] == [3, 4, 5]
+    assert _spares(store_dir) == []  # given up: its spares were removed
+    store.close()
+
+
+def test_spares_zero_makes_no_thread_and_no_directory(store_dir: Path) -> None:
+    """``spares=0`` creates every file inline; read-only use never starts a pool."""
+    store = JsonlStore(store_dir, durability="none", spares=0)
+    _create(store, "a")
+    assert store._spares is None
+    store.close()
+    reader = JsonlStore(store_dir, durability="none")
+    assert reader.load("a").run_id == "a"
+    reader.close()
+    assert not (store_dir / "spare").exists()
