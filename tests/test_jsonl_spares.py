@@ -77,7 +77,7 @@ def test_new_runs_are_linked_from_spares_and_each_has_its_own_file(store_dir: Pa
     assert spare_inodes <= inodes, "the ready spares became run files"
     _wait_for(lambda: all(os.stat(runs / f"r{i}.jsonl").st_nlink == 1 for i in range(12)),
               "spare names to be dropped")
-    assert len(_spares(store_dir)) == 4
+    _wait_for(lambda: len(_spares(store_dir)) == 4, "the pool to refill")
     for i in range(12):
         assert store.load(f"r{i}").input == i
         assert verify_chain(store.ledger(f"r{i}"), SIGNER) == 1
@@ -97,9 +97,11 @@ def test_a_taken_name_keeps_its_spare_and_is_refused(store_dir: Path) -> None:
     assert pool is not None
     _wait_for(lambda: len(pool._ready) == 2, "the pool to fill")
     _create(other, "taken", "theirs")
+    before = set(pool._ready)
     with pytest.raises(RunExists):
         _create(store, "taken", "mine")
-    assert len(pool._ready) == 2
+    # The spare the link tried is back (the thread may have made another meanwhile).
+    assert before <= set(pool._ready)
     assert store.load("taken").input == "theirs"
     assert os.stat(store_dir / "runs" / "taken.jsonl").st_nlink == 1
     store.close()
