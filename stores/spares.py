@@ -37,6 +37,7 @@ import os
 import threading
 from collections import deque
 
+_FIRST_TARGET = 4
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 
 
@@ -46,6 +47,9 @@ class SparePool:
     def __init__(self, directory: str, size: int = 32, mode: int = 0o644) -> None:
         self.directory = directory
         self.size = size
+        # How many to keep ready: a few at first, doubled each time the pool runs dry, so
+        # that a process that makes one run does not make (and then remove) ``size`` files.
+        self._target = min(size, _FIRST_TARGET)
         self.mode = mode
         self.broken = False
         """True once spares could not be made or linked: the caller creates files itself."""
@@ -63,13 +67,16 @@ class SparePool:
         the link found the name taken."""
         if self.broken:
             return None
-        if self._pid != os.getpid():
+        fresh = self._pid != os.getpid()
+        if fresh:
             self._start()  # first use, or a forked child: its parent's spares are not ours
         try:
             path = self._ready.popleft()
         except IndexError:
             path = None
-        if len(self._ready) < self.size:
+            if not fresh:  # ran dry under load (a new pool is empty, by nature)
+                self._target = min(self.size, self._target * 2)
+        if len(self._ready) < self._target:
             self._wake.set()
         return path
 
@@ -131,7 +138,7 @@ class SparePool:
             self._wake.wait()
             self._wake.clear()
             self._unlink_all(self._linked)
-            while len(self._ready) < self.size:
+            while len(self._ready) < self._target:
                 if self._stop.is_set():
                     return
                 path = os.path.join(self.directory, f"{tag}{next(counter)}")

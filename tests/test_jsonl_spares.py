@@ -208,3 +208,25 @@ def test_spares_zero_makes_no_thread_and_no_directory(store_dir: Path) -> None:
     assert reader.load("a").run_id == "a"
     reader.close()
     assert not (store_dir / "spare").exists()
+
+
+def test_the_pool_grows_only_when_it_runs_dry(store_dir: Path) -> None:
+    """A pool keeps 4 spares ready at first (a process making one run does not make 32 files)
+    and doubles that, up to its size, each time a take finds it empty."""
+    pool = SparePool(str(store_dir / "spare"), size=16)
+    first = pool.take()  # starts the thread; finding it empty does not count as running dry
+    _wait_for(lambda: len(pool._ready) == 4, "the first fill")
+    assert pool._target == 4
+    taken: list[str] = [] if first is None else [first]
+    while len(taken) < 300:
+        path = pool.take()
+        if path is None:
+            break
+        taken.append(path)
+    assert len(taken) < 300, "never ran dry"
+    assert pool._target == 8
+    _wait_for(lambda: len(pool._ready) == 8, "the larger fill")
+    for path in taken:
+        pool.used(path)
+    pool.close()
+    assert _spares(store_dir) == []
