@@ -38,6 +38,7 @@ import threading
 from collections import deque
 
 _FIRST_TARGET = 4
+_live_tags: set[str] = set()  # this process's pools' tags (another pool's spares are kept)
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 
 
@@ -59,6 +60,7 @@ class SparePool:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._pid = -1  # the process whose spares ``_ready`` holds; -1: none started yet
+        self._tag = ""
 
     def take(self) -> str | None:
         """A spare file's path, or None when none is ready (the caller creates the file).
@@ -107,6 +109,7 @@ class SparePool:
         if self._pid == os.getpid():
             self._unlink_all(self._linked)
             self._unlink_all(self._ready)
+            _live_tags.discard(self._tag)
 
     @staticmethod
     def _unlink_all(paths: deque[str]) -> None:
@@ -122,6 +125,8 @@ class SparePool:
         self._stop = threading.Event()
         self._wake.set()
         tag = f"{self._pid}-{os.urandom(4).hex()}-"
+        _live_tags.add(tag)
+        self._tag = tag
         self._thread = threading.Thread(target=self._fill, args=(tag,),
                                         name="wakepoint-spares", daemon=True)
         self._thread.start()
@@ -155,12 +160,15 @@ class SparePool:
         """Remove the spares of processes that are gone (a crash left them)."""
         with os.scandir(self.directory) as entries:
             names = [e.name for e in entries]
-        alive: dict[int, bool] = {os.getpid(): False}  # ours are from a predecessor
+        own = os.getpid()
+        alive: dict[int, bool] = {own: False}  # our pid's: a predecessor's, or another pool's
         for name in names:
             pid_text = name.split("-", 1)[0]
             if not pid_text.isdigit():
                 continue
             pid = int(pid_text)
+            if pid == own and name[:name.rfind("-") + 1] in _live_tags:
+                continue  # another pool of this process (a second store on the directory)
             if pid not in alive:
                 alive[pid] = process_alive(pid)
             if not alive[pid]:

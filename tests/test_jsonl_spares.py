@@ -55,6 +55,13 @@ def _spares(store_dir: Path) -> list[str]:
     return sorted(os.listdir(spare_dir)) if spare_dir.exists() else []
 
 
+def _start(pool: SparePool) -> None:
+    """Start the pool's thread, keeping whatever the first take got (it may be a spare)."""
+    got = pool.take()
+    if got is not None:
+        pool.put_back(got)
+
+
 @pytest.fixture
 def store_dir(tmp_path: Path) -> Iterator[Path]:
     yield tmp_path / "store"
@@ -229,4 +236,21 @@ def test_the_pool_grows_only_when_it_runs_dry(store_dir: Path) -> None:
     for path in taken:
         pool.used(path)
     pool.close()
+    assert _spares(store_dir) == []
+
+
+def test_two_pools_of_one_process_keep_each_others_spares(store_dir: Path) -> None:
+    """A second store on the same directory in the same process does not take the first's
+    spares for a predecessor's: both keep theirs, and each removes only its own at close."""
+    first = SparePool(str(store_dir / "spare"), size=2)
+    _start(first)
+    _wait_for(lambda: len(first._ready) == 2, "the first pool to fill")
+    mine = set(first._ready)
+    second = SparePool(str(store_dir / "spare"), size=2)
+    _start(second)
+    _wait_for(lambda: len(second._ready) == 2, "the second pool to fill")
+    assert all(os.path.exists(p) for p in mine)
+    second.close()
+    assert set(_spares(store_dir)) == {os.path.basename(p) for p in mine}
+    first.close()
     assert _spares(store_dir) == []
