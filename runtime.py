@@ -85,6 +85,9 @@ from .stores.base import Durability, Store, StoreError
 
 DEFAULT_HOME = ".wakepoint"
 _RETRIES = 3
+# A cancel retries more: without a runtime-wide lock, a thread driving the run through fast
+# nodes may commit between each of its reads and commits.
+_CANCEL_TRIES = 64
 """How often an explicit input (resume, cancel) is re-applied after losing a race."""
 
 _Work: TypeAlias = tuple[RunState | None, Transition | None]
@@ -333,7 +336,7 @@ class Runtime:
     def cancel(self, run_id: str, reason: str = "cancelled", *, cascade: bool = True) -> RunState:
         """Cancel a run and (by default) every unfinished descendant; return its state."""
         state = self._apply(run_id, partial(self._cancel_transition, reason,
-                                            cascade=cascade))
+                                            cascade=cascade), tries=_CANCEL_TRIES)
         self._log.info("run.cancelled", run_id=run_id, workflow=state.workflow,
                        node=state.node, step=state.step)
         queue: deque[_Work] = deque()
@@ -355,9 +358,15 @@ class Runtime:
             child_id, parent_id, why = stack.pop()
             why = f"parent {parent_id} cancelled: {why}"
             try:
-                child = self._apply(child_id, partial(self._cancel_transition, why))
+                child = self._apply(child_id, partial(self._cancel_transition, why),
+                                    tries=_CANCEL_TRIES)
             except (RunNotFound, RunFinished):
                 continue  # never created, or finished (before or meanwhile): nothing to do
+            except ConflictError as exc:
+                # Outrun every time by its driver: the rest of the tree still gets its cancel,
+                # and recover() cancels this one (its parent is cancelled).
+                self._log.error("cancel.skipped", run_id=child_id, error=str(exc))
+                continue
             self._log.info("run.cancelled", run_id=child_id, workflow=child.workflow,
                            node=child.node, step=child.step)
             stack.extend((grandchild, child_id, why) for grandchild in reversed(child.children))
@@ -399,29 +408,18 @@ class Runtime:
         repair = getattr(self.store, "repair_index", None)
         if repair is not None:
             repair()  # commits a crash left out of the store's global order
-        now = self.clock()
-        queue: deque[_Work] = deque()
-        touched: builtins.list[str] = []
-        active = self._active  # driven by a thread of ours right now: left to it
-        for state in self.store.list(status=Status.RUNNING):
-            if state.run_id in active:
-                continue
-            if self._serves(state) and not self._cascade_cancel_quietly(state):
-                queue.append((state, None))
-            touched.append(state.run_id)
-        for state in self.store.list(status=Status.WAITING):
-            if not self._serves(state) or state.run_id in active:
-                continue
-            try:
-                if self._recover_waiting(state, now, queue):
-                    touched.append(state.run_id)
-            except ConflictError:
-                continue  # another process got there first
-            except WakepointError as exc:
-                self._log.error("recover.skipped", run_id=state.run_id,
-                                workflow=state.workflow, node=state.node,
-                                step=state.step, error=str(exc))
-        self._run_queue(queue, tolerant=True)
+        # Both listed first: a run the RUNNING pass leaves waiting must not be dispatched again.
+        running = self.store.list(status=Status.RUNNING)
+        waiting = self.store.list(status=Status.WAITING)
+        touched: builtins.list[str] = [state.run_id for state in running]
+        for state in running:
+            if self._serves(state):
+                self._recover_one(state.run_id, redispatch=True, state=state)
+        for state in waiting:
+            if self._serves(state) and self._recover_one(
+                state.run_id, redispatch=True, state=state
+            )[0]:
+                touched.append(state.run_id)
         self._log.info("recovered", runs=len(touched))
         return [self.store.load(r) for r in dict.fromkeys(touched)]
 
@@ -494,41 +492,71 @@ class Runtime:
         concurrent drives of one run are resolved by the store's seq check, as between
         processes (see the module's docstring).  ``state``: the run's state as the claim
         returned it (saves a read; a commit since then makes this drive's first commit
-        conflict, and the run is left to whoever made it).  Ignored with ``redispatch``: the
-        effect is dispatched again before anything is committed, so only the state read now
-        (after the caller took the run) may decide it - a listed state could predate the
-        outcome its live dispatcher committed.
+        conflict, and the run is left to whoever made it).  With ``redispatch`` the run is read
+        again (after the caller took it) and left alone if it moved since ``state``: the effect
+        is dispatched again before anything is committed, so a listed state that predates the
+        outcome its live dispatcher committed must not decide it.
         """
-        if state is None or redispatch:
+        return self._recover_one(run_id, redispatch=redispatch, state=state)[1]
+
+    def _recover_one(
+        self, run_id: str, *, redispatch: bool, state: RunState | None = None
+    ) -> tuple[bool, RunState]:
+        """``recover_run``'s work, and whether there was anything to do (``recover``'s list).
+
+        The run is claimed first: a run a thread of this runtime drives (or dispatches an
+        effect of) right now is left to it, and no other thread of ours starts on this one
+        until its queued outcome is committed - two recoveries, or a recovery and a live
+        drive, never dispatch one request twice.  With ``redispatch`` the state is read after
+        the claim, and a run that moved since the caller's ``state`` was read is left alone:
+        whoever moved it is on it."""
+        if not self._claim(run_id):
+            return False, state if state is not None else self.store.load(run_id)
+        try:
+            return self._recover_claimed(run_id, redispatch, state)
+        finally:
+            self._unmark(run_id)
+
+    def _recover_claimed(
+        self, run_id: str, redispatch: bool, state: RunState | None
+    ) -> tuple[bool, RunState]:
+        if state is None:
             state = self.store.load(run_id)
-        if not self._serves(state) or run_id in self._active:
-            return state  # not ours, or a thread of this runtime drives it right now
+        elif redispatch:
+            current = self.store.load(run_id)
+            if current.seq != state.seq:
+                return False, current
+            state = current
+        if not self._serves(state):
+            return False, state
         queue: deque[_Work] = deque()
+        did = False
         if state.status is Status.RUNNING:
+            did = True
             if not self._cascade_cancel_quietly(state):
                 queue.append((state, None))
         elif state.status is Status.WAITING and state.wait is not None:
             now = self.clock()
             deadline = state.wait.deadline
             if not redispatch and (deadline is None or deadline > now):
-                return state
+                return False, state
             try:
-                self._recover_waiting(state, now, queue)
+                did = self._recover_waiting(state, now, queue)
             except ConflictError:
-                return self.store.load(run_id)  # another process got there first
+                return False, self.store.load(run_id)  # another process got there first
             except WakepointError as exc:
                 self._log.error("recover.skipped", run_id=state.run_id,
                                 workflow=state.workflow, node=state.node, step=state.step,
                                 error=str(exc))
-                return state
+                return False, state
         if len(queue) == 1:
             # Driving this run alone: what the drive committed last is the run's state (no
             # read back), unless it touched other runs (a parent, a child) or lost a race.
             last = self._run_one(queue)
             if last is not None and last.run_id == run_id and not queue:
-                return last
+                return did, last
         self._run_queue(queue, tolerant=True)
-        return self.store.load(run_id)
+        return did, self.store.load(run_id)
 
     def _run_one(self, queue: deque[_Work]) -> RunState | None:
         """Drive the first queued run, logging (not raising) why it cannot advance; its last
@@ -709,9 +737,11 @@ class Runtime:
         self._store(old, state, records)
         return state
 
-    def _apply(self, run_id: str, make: Callable[[RunState], Transition]) -> RunState:
+    def _apply(
+        self, run_id: str, make: Callable[[RunState], Transition], *, tries: int = _RETRIES
+    ) -> RunState:
         """Load, transition and commit, retrying on a lost race (the input is re-checked)."""
-        for _ in range(_RETRIES - 1):
+        for _ in range(tries - 1):
             try:
                 state = self._handover(self.store.load(run_id))
                 return self._commit(state, make(state))
@@ -754,6 +784,14 @@ class Runtime:
             return self._drive(work, queue, strict=strict)
         finally:
             self._unmark(run_id)
+
+    def _claim(self, run_id: str) -> bool:
+        """Mark ``run_id`` as driven by this thread unless a thread of ours already is on it."""
+        with self._active_lock:
+            if run_id in self._active:
+                return False
+            self._active[run_id] = 1
+            return True
 
     def _mark(self, run_id: str) -> None:
         with self._active_lock:
@@ -953,6 +991,18 @@ class Runtime:
             if existing.parent != parent:
                 raise
             return existing
+        # A cancel of the parent may have landed since its request was committed, its
+        # cascade finding no child yet: then this child is cancelled here, before it runs a
+        # node.  (The cancel commits before its cascade looks, and this read comes after the
+        # create: one of the two sees the other.)
+        owner = self.store.load(parent.run_id)
+        if owner.status is Status.CANCELLED and self._cancel_cascades(owner):
+            try:
+                return self._apply(run_id, partial(
+                    self._cancel_transition, f"parent {parent.run_id} cancelled"),
+                    tries=_CANCEL_TRIES)
+            except RunFinished:  # the cascade got there too
+                return self.store.load(run_id)
         queue.append((state, None))
         return state
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import os
 import threading
 import weakref
 from collections.abc import Callable
@@ -171,6 +172,16 @@ class _Abandoned:
 
 
 _abandoned = _Abandoned()
+
+
+def _forget_abandoned() -> None:
+    # A forked child has none of its parent's attempt threads (nor, if one held it at the
+    # fork, a usable lock): its count starts at zero.
+    _abandoned.lock = threading.Lock()
+    _abandoned.running = 0
+
+
+os.register_at_fork(after_in_child=_forget_abandoned)
 
 
 class TooManyAbandonedCalls(RuntimeError):

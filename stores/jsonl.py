@@ -571,9 +571,14 @@ class JsonlStore:
         Either way ``create`` tells a new file by its size under the lock.  A new file is a
         spare linked to ``path`` when one is ready (``stores.spares``: an inode allocated
         ahead of time, off this thread); else one ``O_CREAT`` open, which also opens a file
-        that exists."""
+        that exists.  Spares are asked for only when the file is missing, so a process that
+        only drives existing runs never starts the pool."""
         pool = self._spares
         if pool is not None:
+            try:  # most opens are of runs that exist (a drive of an existing run holds it too)
+                return os.open(path, _APPEND_FLAGS)
+            except FileNotFoundError:
+                pass
             spare = pool.take()
             if spare is not None:
                 try:

@@ -61,6 +61,7 @@ class SparePool:
         self._thread: threading.Thread | None = None
         self._pid = -1  # the process whose spares ``_ready`` holds; -1: none started yet
         self._tag = ""
+        self._start_lock = threading.Lock()
 
     def take(self) -> str | None:
         """A spare file's path, or None when none is ready (the caller creates the file).
@@ -71,7 +72,10 @@ class SparePool:
             return None
         fresh = self._pid != os.getpid()
         if fresh:
-            self._start()  # first use, or a forked child: its parent's spares are not ours
+            with self._start_lock:  # two threads making a process's first runs at once
+                fresh = self._pid != os.getpid()
+                if fresh:
+                    self._start()  # first use, or a forked child: not its parent's spares
         try:
             path = self._ready.popleft()
         except IndexError:
@@ -113,9 +117,13 @@ class SparePool:
 
     @staticmethod
     def _unlink_all(paths: deque[str]) -> None:
-        while paths:
+        while True:
+            try:
+                path = paths.popleft()  # another thread may empty it too (close vs fail)
+            except IndexError:
+                return
             with contextlib.suppress(OSError):  # a leftover name is harmless (see above)
-                os.unlink(paths.popleft())
+                os.unlink(path)
 
     def _start(self) -> None:
         self._pid = os.getpid()

@@ -140,6 +140,8 @@ def test_spares_of_dead_processes_and_predecessors_are_removed(store_dir: Path) 
         live.wait()
 
 
+# Python 3.12+ warns about forking a process that runs threads; here that is the point.
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_a_forked_child_never_takes_its_parents_spares(store_dir: Path) -> None:
     """After ``fork`` the child's pool starts afresh with spares of its own (named with its
     pid): parent and child never link one inode to two runs."""
@@ -254,3 +256,19 @@ def test_two_pools_of_one_process_keep_each_others_spares(store_dir: Path) -> No
     assert set(_spares(store_dir)) == {os.path.basename(p) for p in mine}
     first.close()
     assert _spares(store_dir) == []
+
+
+def test_a_process_that_only_drives_existing_runs_makes_no_spares(store_dir: Path) -> None:
+    """Spares are asked for only when a run's file is missing: holding and writing runs that
+    exist starts no pool and makes no ``spare/`` directory."""
+    maker = JsonlStore(store_dir, durability="none", spares=0)
+    _create(maker, "old", 1)
+    maker.close()
+    store = JsonlStore(store_dir, durability="none")
+    with store.hold("old"):
+        pass
+    assert store.load("old").input == 1
+    pool = store._spares
+    assert pool is not None and pool._thread is None
+    store.close()
+    assert not (store_dir / "spare").exists()

@@ -920,7 +920,8 @@ def test_abandoned_call_attempts_are_bounded(env: Any, monkeypatch: Any) -> None
     assert "2 earlier attempts" in refused.error.message
     settle()
     assert "c2:2" not in started
-    assert rt.start(caller, spec, run_id="c3").output == "late"
+    # Time enough for a loaded machine to schedule the attempt's thread.
+    assert rt.start(caller, {**spec, "timeout": 10}, run_id="c3").output == "late"
     for run_id in ("c1", "c2", "c3"):
         env.check_ledger(rt, run_id)
 
@@ -945,3 +946,206 @@ def test_recovery_leaves_a_running_call_to_its_thread(env: Any) -> None:
     assert slow_out[0].output == "late"
     assert gate.calls == 1
     env.check_ledger(rt, "c1")
+
+
+class _ParkAll:
+    """A ``call`` handler that parks every request: the process that committed the requests
+    and died before resolving them."""
+
+    def handle(self, effect: Any, run: Any, ctx: Any) -> Any:
+        return Parked()
+
+
+def test_two_recoveries_never_dispatch_one_request_twice(env: Any) -> None:
+    """Two threads recovering at once: each orphaned request is dispatched by one of them (one
+    recovery commits a run's outcome before another may look at that run)."""
+    calls = {"fast": 0, "slow": 0}
+    fast_done = threading.Event()
+
+    def fast() -> str:
+        calls["fast"] += 1
+        fast_done.set()
+        return "x"
+
+    def slow() -> str:
+        calls["slow"] += 1
+        time.sleep(0.5)  # keeps the first recovery busy after it resolved "fast"
+        return "y"
+
+    dead = env.open([caller], handlers={"call": _ParkAll()})
+    dead.start(caller, {"fn": "fast"}, run_id="a1")
+    dead.start(caller, {"fn": "slow"}, run_id="a2")
+    rt = env.open([caller], {"fast": fast, "slow": slow})
+    first, _ = _in_thread(rt.recover)
+    assert fast_done.wait(10)
+    rt.recover()
+    first.join(10)
+    assert calls == {"fast": 1, "slow": 1}
+    assert rt.get("a1").output == "x" and rt.get("a2").output == "y"
+    for run_id in ("a1", "a2"):
+        env.check_ledger(rt, run_id)
+
+
+def test_recovery_leaves_a_run_that_moved_since_it_was_listed(env: Any) -> None:
+    """A run ``recover()`` listed as waiting on a request, whose live dispatcher (a thread of
+    this runtime) commits the outcome while recovery is busy elsewhere, is not dispatched
+    again."""
+    gate = Gate()
+    slow_done = threading.Event()
+
+    def earlier() -> str:  # an orphan recovery dispatches before it reaches c1
+        gate.release.set()  # the live call ends meanwhile ...
+        assert slow_done.wait(10)  # ... and its thread commits the outcome
+        return "ok"
+
+    dead = env.open([caller], handlers={"call": _ParkAll()})
+    dead.start(caller, {"fn": "earlier"}, run_id="b0")
+    rt = env.open([caller], {"slow": gate, "earlier": earlier})
+    slow, slow_out = _in_thread(
+        lambda: (rt.start(caller, {"fn": "slow"}, run_id="c1"), slow_done.set())[0])
+    assert gate.entered.wait(10)
+    rt.recover()
+    slow.join(10)
+    assert gate.calls == 1
+    assert slow_out[0].output == "late"
+    for run_id in ("b0", "c1"):
+        env.check_ledger(rt, run_id)
+
+
+@pytest.mark.parametrize("mode", ["wait", "detach"])
+def test_cancel_while_a_child_is_created_cancels_the_child(mode: str) -> None:
+    """A parent cancelled between its ``subworkflow`` request and its child's creation (the
+    cascade finds no child yet): the child is cancelled as soon as it exists, and runs no
+    node."""
+    from wakepoint import Runtime
+    from wakepoint.ledger.keys import Signer
+    from wakepoint.stores import MemoryStore
+
+    creating, cancelled = threading.Event(), threading.Event()
+
+    class SlowChildCreate(MemoryStore):
+        def create(self, state: RunState, records: Any) -> None:
+            if state.parent is not None:
+                creating.set()
+                cancelled.wait(10)
+            super().create(state, records)
+
+    charged: list[str] = []
+    child = Workflow("child.charge")
+
+    @child.node(start=True)
+    def act(run: Any) -> Any:
+        return call("charge", None, into="r", then="fin")
+
+    @child.node
+    def fin(run: Any) -> Any:
+        return done(run.vars["r"])
+
+    parent = Workflow("parent.spawn")
+
+    @parent.node(start=True)
+    def spawn(run: Any) -> Any:
+        return subworkflow("child.charge", None, into="out", then="end", mode=mode)
+
+    @parent.node
+    def end(run: Any) -> Any:
+        return done(run.vars.get("out"))
+
+    rt = Runtime(SlowChildCreate(), [child, parent], {"charge": lambda: charged.append("x")},
+                 signer=Signer.generate(), checkpoints=False)
+    starter, _ = _in_thread(lambda: rt.start(parent, run_id="P"))
+    assert creating.wait(10)
+    assert rt.cancel("P", "operator").status is Status.CANCELLED
+    cancelled.set()
+    starter.join(10)
+    assert rt.get("P.2").status is Status.CANCELLED
+    assert rt.get("P").status is Status.CANCELLED
+    assert charged == []
+
+
+def test_a_cancel_cascade_goes_on_past_a_child_it_cannot_catch() -> None:
+    """A child whose every cancel loses the race to its driver (``ConflictError`` each time)
+    is logged and passed over: the cascade still cancels the rest of the tree."""
+    from wakepoint import ConflictError, Runtime
+    from wakepoint.ledger.keys import Signer
+    from wakepoint.stores import MemoryStore
+
+    outrun: set[str] = set()
+
+    class Outrun(MemoryStore):
+        def commit(self, run_id: str, expected_seq: int, state: RunState,
+                   records: Any) -> None:
+            if run_id in outrun:
+                raise ConflictError(run_id, expected_seq, expected_seq + 1)
+            super().commit(run_id, expected_seq, state, records)
+
+    leaf = Workflow("leaf.wait")
+
+    @leaf.node(start=True)
+    def hang(run: Any) -> Any:
+        return wait_event(f"never:{run.run_id}", into="e", then="fin")
+
+    @leaf.node
+    def fin(run: Any) -> Any:
+        return done(None)
+
+    tree = Workflow("tree.two")
+
+    @tree.node(start=True)
+    def one(run: Any) -> Any:
+        return subworkflow("leaf.wait", None, into="a", then="two", mode="detach")
+
+    @tree.node
+    def two(run: Any) -> Any:
+        return subworkflow("leaf.wait", None, into="b", then="park", mode="detach")
+
+    @tree.node
+    def park(run: Any) -> Any:
+        return wait_event("never", into="e", then="park")
+
+    rt = Runtime(Outrun(), [leaf, tree], signer=Signer.generate(), checkpoints=False)
+    root = rt.start(tree, run_id="T")
+    first, second = root.children
+    outrun.add(first)
+    assert rt.cancel("T").status is Status.CANCELLED
+    assert rt.get(first).status is Status.WAITING  # left for recover() to cancel
+    assert rt.get(second).status is Status.CANCELLED
+    outrun.clear()
+    rt.recover()
+    assert rt.get(first).status is Status.CANCELLED
+
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # 3.12+: forking with threads
+def test_a_forked_child_starts_with_no_abandoned_attempts(monkeypatch: Any) -> None:
+    """The abandoned-attempt count is per process: a child forked while attempts of its parent
+    hang is not refused for them (their threads are not in the child)."""
+    import os
+
+    from wakepoint.effects import builtins as handlers
+
+    release = threading.Event()
+
+    def hang() -> None:
+        release.wait(30)
+
+    monkeypatch.setattr(handlers, "MAX_ABANDONED_ATTEMPTS", 1)
+    try:
+        with pytest.raises(TimeoutError):
+            handlers._attempt(hang, [], {}, 0.01)
+        assert handlers._abandoned.running >= 1
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                answer = handlers._attempt(lambda: "ran", [], {}, 5)
+            except BaseException as exc:  # reported to the parent
+                answer = type(exc).__name__
+            os.write(write_end, str(answer).encode())
+            os._exit(0)
+        os.close(write_end)
+        os.waitpid(pid, 0)
+        assert os.read(read_end, 100).decode() == "ran"
+        os.close(read_end)
+    finally:
+        release.set()
