@@ -27,11 +27,13 @@ never configures structlog (the application does).  Per-transition events are at
 
 One ``Runtime`` may be shared by threads, and holds no runtime-wide lock: a thread waiting on a
 slow ``call`` never holds up another run.  Two threads that touch one run are resolved as two
-processes are, by the store's per-run hold (JSONL, for a series of commits; it is let go while a
-handler runs) or its seq check: an input that lost the race is re-checked on the new state (or
-refused), and a drive that finds the run moved on (a ``cancel`` during a ``call``, say) leaves it
-to the winner, dropping the late outcome uncommitted.  (Temporal behaves alike: a workflow
-cancelled while an activity runs ignores that activity's result.)
+processes are, by the store's per-run hold (JSONL, for a series of commits; while a handler
+runs, the other threads of the process may write the run, other processes still wait) or its
+seq check: an input that lost the race is re-checked on the new state (or refused), and a drive
+that finds the run moved on (a ``cancel`` during a ``call``, say) leaves it to the winner,
+dropping the late outcome uncommitted.  (Temporal behaves alike: a workflow cancelled while an
+activity runs ignores that activity's result.)  Recovery claims a run before it acts on it,
+so it never dispatches a request that a thread of this runtime is dispatching.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -837,38 +840,39 @@ class Runtime:
         tick, clock, sign, store, running = (
             kernel.tick, self.clock, self._sign, self._store, Status.RUNNING)
         first = True
-        hold = self.store.hold
+        unheld = getattr(self.store, "unheld", None) or _not_held
         try:
-            while True:
-                effect: Effect | None = None
-                with hold(state.run_id):
-                    while True:
-                        if state.status is running:
-                            try:
-                                tr = tick(wf, state, clock())
-                            except WakepointError:
-                                if records:  # keep the input; the node's failure is the caller's
-                                    store(committed, state, records)
-                                raise
-                            state = sign(tr, records)
-                            debug("transition", run_id=state.run_id, workflow=state.workflow,
-                                  node=state.node, step=state.step, kind=tr.entries[0].kind)
-                            if tr.effects:
-                                effect = tr.effects[0]
-                        if records:
-                            store(committed, state, records)
-                            committed, records, first = state, [], False
-                        if effect is not None or state.status is not running:
-                            break
-                if effect is None:
-                    break
-                # The request is committed: now the handler may act on it - outside the hold,
-                # so that a slow ``call`` never keeps a ``cancel`` (another thread's or another
-                # process's) waiting; if one lands meanwhile, committing the outcome conflicts.
-                outcome = self._dispatch(state, effect, queue)
-                if outcome is None:
-                    break
-                state = self._sign(outcome, records)
+            with self.store.hold(state.run_id):
+                while True:
+                    effect: Effect | None = None
+                    if state.status is running:
+                        try:
+                            tr = tick(wf, state, clock())
+                        except WakepointError:
+                            if records:  # keep the input; the node's failure is the caller's
+                                store(committed, state, records)
+                            raise
+                        state = sign(tr, records)
+                        debug("transition", run_id=state.run_id, workflow=state.workflow,
+                              node=state.node, step=state.step, kind=tr.entries[0].kind)
+                        if tr.effects:
+                            effect = tr.effects[0]
+                    if records:
+                        store(committed, state, records)
+                        committed, records, first = state, [], False
+                    if effect is not None:
+                        # The request is committed: now the handler may act on it.  The other
+                        # threads of this process may write the run meanwhile (a ``cancel``
+                        # during a slow ``call`` lands at once; committing the outcome then
+                        # conflicts); other processes still wait for the hold (a worker's
+                        # orphan sweep must see the dispatcher alive).
+                        with unheld(state.run_id):
+                            outcome = self._dispatch(state, effect, queue)
+                        if outcome is not None:
+                            state = self._sign(outcome, records)
+                            continue
+                    if state.status is not running:
+                        break
         except ConflictError:
             if strict and first:
                 raise
@@ -1005,6 +1009,12 @@ class Runtime:
                 return self.store.load(run_id)
         queue.append((state, None))
         return state
+
+
+@contextmanager
+def _not_held(run_id: str) -> Iterator[None]:
+    """``unheld`` for stores without one (their ``hold`` keeps nothing from other threads)."""
+    yield
 
 
 class _Context:

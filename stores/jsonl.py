@@ -674,6 +674,32 @@ class JsonlStore:
         return self._locked_none(run_id)
 
     @contextmanager
+    def unheld(self, run_id: str) -> Iterator[None]:
+        """Inside this thread's ``hold`` of ``run_id``: let the other threads of this process
+        write the run while the block runs, keeping the run's file lock.
+
+        The runtime wraps an effect's handler in it: a ``cancel`` from another thread lands
+        during a slow ``call`` (the call's outcome then conflicts), while other processes
+        still wait, and a worker's ``take`` still finds the run's dispatcher alive.  Outside
+        a hold of this thread it does nothing."""
+        run = self._runs.get(run_id)
+        me = threading.get_ident()
+        if run is None or run.owner != me:
+            yield
+            return
+        # Our file lock stays (``depth`` keeps counting it), so the threads that write the
+        # run meanwhile take only its mutex; the cache is distrusted on both sides.
+        run.owner = None
+        run.fresh = False
+        run.mutex.release()
+        try:
+            yield
+        finally:
+            run.mutex.acquire()
+            run.owner = me
+            run.fresh = False
+
+    @contextmanager
     def _locked_none(self, run_id: str) -> Iterator[None]:
         # create=True: the runtime holds a new run before creating it, and the lock lives on
         # the run file, so the (empty) file comes into being here.

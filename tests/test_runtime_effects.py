@@ -1149,3 +1149,27 @@ def test_a_forked_child_starts_with_no_abandoned_attempts(monkeypatch: Any) -> N
         os.close(read_end)
     finally:
         release.set()
+
+
+def test_jsonl_other_processes_find_a_dispatching_run_busy(jsonl_env: Any) -> None:
+    """On JSONL the run's file lock stays with the process that dispatches its ``call``:
+    another store on the directory (another process: ``flock`` locks are per open file) cannot
+    ``take`` it for an orphan sweep while the call runs, and can once it is over."""
+    from datetime import timedelta
+
+    from wakepoint.stores.jsonl import JsonlStore
+
+    gate = Gate()
+    rt = jsonl_env.open([caller], {"slow": gate})
+    slow, slow_out = _in_thread(lambda: rt.start(caller, {"fn": "slow"}, run_id="c1"))
+    other = JsonlStore(jsonl_env.root, durability="none")
+    try:
+        assert gate.entered.wait(10)
+        assert other.take("c1", "sweeper", timedelta(seconds=30), jsonl_env.clock()) is False
+    finally:
+        gate.release.set()
+    slow.join(10)
+    assert slow_out[0].output == "late"
+    assert other.take("c1", "sweeper", timedelta(seconds=30), jsonl_env.clock()) is True
+    assert gate.calls == 1
+    other.close()
