@@ -571,29 +571,32 @@ class JsonlStore:
         Either way ``create`` tells a new file by its size under the lock.  A new file is a
         spare linked to ``path`` when one is ready (``stores.spares``: an inode allocated
         ahead of time, off this thread); else one ``O_CREAT`` open, which also opens a file
-        that exists.  Spares are asked for only when the file is missing, so a process that
-        only drives existing runs never starts the pool."""
+        that exists.  Until a run is new the pool is not started (a process that only drives
+        existing runs never starts it); once it runs, a new file costs one ``link`` (the
+        spare's fd is the run's), and a file that exists one failed ``link`` and its open."""
         pool = self._spares
         if pool is not None:
-            try:  # most opens are of runs that exist (a drive of an existing run holds it too)
-                return os.open(path, _APPEND_FLAGS)
-            except FileNotFoundError:
-                pass
+            if not pool.running:
+                try:
+                    return os.open(path, _APPEND_FLAGS)
+                except FileNotFoundError:
+                    pass  # a new run: start the pool (it has no spare ready yet)
             spare = pool.take()
             if spare is not None:
+                spare_path, fd = spare
                 try:
-                    os.link(spare, path)  # never replaces: a taken name is FileExistsError
+                    os.link(spare_path, path)  # never replaces: a taken name is FileExistsError
                 except FileExistsError:
                     pool.put_back(spare)  # the run's file exists: open it below
                 except FileNotFoundError:
-                    pass  # the spare was removed (a process that took this one for dead)
+                    os.close(fd)  # the spare was removed (a process took this one for dead)
                 except OSError:
                     pool.put_back(spare)
                     pool.fail()  # no hard links here, say: create files inline from now on
                     self._spares = None
                 else:
-                    pool.used(spare)
-                    return os.open(path, _APPEND_FLAGS)
+                    pool.used(spare_path)
+                    return fd
         return os.open(path, _APPEND_FLAGS | os.O_CREAT, 0o644)
 
     def _open_run(self, run: _Run, *, create: bool) -> int:

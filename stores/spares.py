@@ -39,7 +39,10 @@ from collections import deque
 
 _FIRST_TARGET = 4
 _live_tags: set[str] = set()  # this process's pools' tags (another pool's spares are kept)
-_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+# A run file's append flags (the store's), plus the create: the spare's fd is the run's fd.
+_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC | os.O_CREAT | os.O_EXCL
+Spare = tuple[str, int]
+"""A spare's path and an fd open on it with a run file's append flags."""
 
 
 class SparePool:
@@ -54,7 +57,7 @@ class SparePool:
         self.mode = mode
         self.broken = False
         """True once spares could not be made or linked: the caller creates files itself."""
-        self._ready: deque[str] = deque()
+        self._ready: deque[Spare] = deque()
         self._linked: deque[str] = deque()  # spare names to drop (linked to a run file)
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -63,11 +66,18 @@ class SparePool:
         self._tag = ""
         self._start_lock = threading.Lock()
 
-    def take(self) -> str | None:
-        """A spare file's path, or None when none is ready (the caller creates the file).
+    @property
+    def running(self) -> bool:
+        """Started in this process (by a first ``take``) and not given up."""
+        return self._pid == os.getpid() and not self.broken
 
-        The caller links it to its final name and then calls ``used``, or ``put_back`` when
-        the link found the name taken."""
+    def take(self) -> Spare | None:
+        """A spare (its path and an append fd on it), or None when none is ready (the caller
+        creates the file).
+
+        The caller links the path to its final name and keeps the fd, then calls ``used``;
+        or ``put_back`` when the link found the name taken, or closes the fd when the spare
+        is gone."""
         if self.broken:
             return None
         fresh = self._pid != os.getpid()
@@ -92,9 +102,9 @@ class SparePool:
         self._linked.append(path)
         self._wake.set()
 
-    def put_back(self, path: str) -> None:
+    def put_back(self, spare: Spare) -> None:
         """Return a spare that was not linked."""
-        self._ready.appendleft(path)
+        self._ready.appendleft(spare)
 
     def fail(self) -> None:
         """Stop using spares (a link failed for another reason than a taken name)."""
@@ -112,8 +122,20 @@ class SparePool:
             thread.join()
         if self._pid == os.getpid():
             self._unlink_all(self._linked)
-            self._unlink_all(self._ready)
+            self._drop_ready(unlink=True)
             _live_tags.discard(self._tag)
+
+    def _drop_ready(self, *, unlink: bool) -> None:
+        while True:
+            try:
+                path, fd = self._ready.popleft()
+            except IndexError:
+                return
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            if unlink:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
 
     @staticmethod
     def _unlink_all(paths: deque[str]) -> None:
@@ -126,6 +148,10 @@ class SparePool:
                 os.unlink(path)
 
     def _start(self) -> None:
+        if self._pid != -1:
+            # A forked child: the fds it inherited on its parent's spares are closed (the
+            # spares themselves stay the parent's).
+            self._drop_ready(unlink=False)
         self._pid = os.getpid()
         self._ready = deque()
         self._linked = deque()
@@ -156,11 +182,11 @@ class SparePool:
                     return
                 path = os.path.join(self.directory, f"{tag}{next(counter)}")
                 try:
-                    os.close(os.open(path, _FLAGS, self.mode))
+                    fd = os.open(path, _FLAGS, self.mode)  # one call: kept open for the run
                 except OSError:
                     self.broken = True  # a full disk, say: the store creates files itself
                     return
-                self._ready.append(path)
+                self._ready.append((path, fd))
             if self._stop.is_set():
                 return
 

@@ -75,7 +75,7 @@ def test_new_runs_are_linked_from_spares_and_each_has_its_own_file(store_dir: Pa
     pool = store._spares
     assert pool is not None
     _wait_for(lambda: len(pool._ready) == 4, "the pool to fill")
-    spare_inodes = {os.stat(p).st_ino for p in pool._ready}
+    spare_inodes = {os.stat(p).st_ino for p, _ in pool._ready}
     for i in range(12):
         _create(store, f"r{i}", i)
     runs = store_dir / "runs"
@@ -158,7 +158,7 @@ def test_a_forked_child_never_takes_its_parents_spares(store_dir: Path) -> None:
             while got is None and time.monotonic() < deadline:
                 time.sleep(0.005)
                 got = pool.take()
-            os.write(write_end, (got or "").encode())
+            os.write(write_end, (got[0] if got else "").encode())
         finally:
             os._exit(0)
     os.close(write_end)
@@ -166,7 +166,7 @@ def test_a_forked_child_never_takes_its_parents_spares(store_dir: Path) -> None:
     child_got = os.read(read_end, 4096).decode()
     os.close(read_end)
     assert status == 0
-    assert child_got and child_got not in parents
+    assert child_got and child_got not in {path for path, _ in parents}
     assert os.path.basename(child_got).startswith(f"{pid}-")
     assert set(pool._ready) == parents
     pool.close()
@@ -226,7 +226,7 @@ def test_the_pool_grows_only_when_it_runs_dry(store_dir: Path) -> None:
     first = pool.take()  # starts the thread; finding it empty does not count as running dry
     _wait_for(lambda: len(pool._ready) == 4, "the first fill")
     assert pool._target == 4
-    taken: list[str] = [] if first is None else [first]
+    taken = [] if first is None else [first]
     while len(taken) < 300:
         path = pool.take()
         if path is None:
@@ -235,8 +235,9 @@ def test_the_pool_grows_only_when_it_runs_dry(store_dir: Path) -> None:
     assert len(taken) < 300, "never ran dry"
     assert pool._target == 8
     _wait_for(lambda: len(pool._ready) == 8, "the larger fill")
-    for path in taken:
-        pool.used(path)
+    for path, fd in taken:
+        os.close(fd)
+        os.unlink(path)
     pool.close()
     assert _spares(store_dir) == []
 
@@ -251,9 +252,9 @@ def test_two_pools_of_one_process_keep_each_others_spares(store_dir: Path) -> No
     second = SparePool(str(store_dir / "spare"), size=2)
     _start(second)
     _wait_for(lambda: len(second._ready) == 2, "the second pool to fill")
-    assert all(os.path.exists(p) for p in mine)
+    assert all(os.path.exists(p) for p, _ in mine)
     second.close()
-    assert set(_spares(store_dir)) == {os.path.basename(p) for p in mine}
+    assert set(_spares(store_dir)) == {os.path.basename(p) for p, _ in mine}
     first.close()
     assert _spares(store_dir) == []
 

@@ -662,6 +662,19 @@ def test_threads_share_one_store(open_jsonl: Callable[..., JsonlStore], signer: 
 # --- durability ------------------------------------------------------------------------------
 
 
+def _fd_path(fd: int) -> str:
+    """The path of the file ``fd`` is open on.  A run file made from a spare was opened under
+    the spare's name (``spare/...``, since removed): its run file is found by inode."""
+    path = os.readlink(f"/proc/self/fd/{fd}")
+    if "/spare/" in path:
+        inode = os.fstat(fd).st_ino
+        with os.scandir(os.path.join(path.split("/spare/")[0], "runs")) as entries:
+            for entry in entries:
+                if entry.inode() == inode:
+                    return entry.path
+    return path
+
+
 @pytest.fixture
 def fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Every os.fsync call from now on, as the path of the file it synced."""
@@ -669,7 +682,7 @@ def fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     real = os.fsync
 
     def counting(fd: int) -> None:
-        calls.append(os.readlink(f"/proc/self/fd/{fd}"))
+        calls.append(_fd_path(fd))
         real(fd)
 
     monkeypatch.setattr(os, "fsync", counting)
