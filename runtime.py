@@ -406,7 +406,9 @@ class Runtime:
         left alone, and a run that cannot advance is logged and skipped, never allowed to
         stop the recovery of the others.  Run it at process start, before other workers could
         be handling the same runs (the worker's leases make that safe with several processes).
-        Runs a thread of this runtime is driving meanwhile are left to that thread.
+        Runs a thread of this runtime is driving meanwhile are left to that thread.  It takes
+        no leases: while it dispatches an orphaned request again, a worker of another process
+        sweeping orphans may do so too - with workers running, leave recovery to them.
         """
         repair = getattr(self.store, "repair_index", None)
         if repair is not None:
@@ -528,7 +530,7 @@ class Runtime:
         elif redispatch:
             current = self.store.load(run_id)
             if current.seq != state.seq:
-                return False, current
+                return True, current  # moved meanwhile (by this recovery, perhaps): touched
             state = current
         if not self._serves(state):
             return False, state

@@ -650,19 +650,32 @@ class JsonlStore:
             # Once the file lock is released another process may append: distrust the cache.
             run.owner = None
             run.fresh = False
-            assert run.fd is not None  # a locked run's fd is pinned open
-            fcntl.flock(run.fd, fcntl.LOCK_UN)
+            if run.fd is not None:  # None only after close() (a drive ending meanwhile)
+                fcntl.flock(run.fd, fcntl.LOCK_UN)
 
     @contextmanager
     def _locked(self, run_id: str, *, create: bool = False) -> Iterator[_Run]:
         run = self._checkout(run_id)
+        me = threading.get_ident()
         try:
             with run.mutex:
+                before = run.owner
                 self._lock_run(run, create=create)
+                if run.owner is None:
+                    # The file lock is this process's already: another thread's drive is
+                    # ``unheld`` (in a handler).  This section drives the run meanwhile, so it
+                    # is the owner: its commits take the fast path, and its own ``unheld``
+                    # lets the mutex go.
+                    run.owner = me
                 try:
                     yield run
                 finally:
                     self._unlock_run(run)
+                    if run.depth and run.owner == me and before != me:
+                        # Leaving while a paused drive keeps the file lock: no owner until a
+                        # thread takes the mutex again (a nested section of ours keeps it).
+                        run.owner = None
+                        run.fresh = False
         finally:
             self._checkin(run)
 

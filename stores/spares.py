@@ -35,10 +35,20 @@ import contextlib
 import itertools
 import os
 import threading
+import weakref
 from collections import deque
 
 _FIRST_TARGET = 4
 _live_tags: set[str] = set()  # this process's pools' tags (another pool's spares are kept)
+_pools: weakref.WeakSet[SparePool] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    # A forked child must not keep its parent's spares open: one may already be, or become,
+    # a run file of the parent, and the child's copy of the fd would share that file's flock
+    # (a lock the parent dies holding would then outlive it).
+    for pool in list(_pools):
+        pool._drop_ready(unlink=False)
 # A run file's append flags (the store's), plus the create: the spare's fd is the run's fd.
 _FLAGS = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC | os.O_CREAT | os.O_EXCL
 Spare = tuple[str, int]
@@ -65,6 +75,7 @@ class SparePool:
         self._pid = -1  # the process whose spares ``_ready`` holds; -1: none started yet
         self._tag = ""
         self._start_lock = threading.Lock()
+        _pools.add(self)
 
     @property
     def running(self) -> bool:
@@ -219,3 +230,6 @@ def process_alive(pid: int) -> bool:
     except PermissionError:
         return True  # another user's process
     return True
+
+
+os.register_at_fork(after_in_child=_after_fork)

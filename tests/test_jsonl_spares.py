@@ -273,3 +273,34 @@ def test_a_process_that_only_drives_existing_runs_makes_no_spares(store_dir: Pat
     assert pool is not None and pool._thread is None
     store.close()
     assert not (store_dir / "spare").exists()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # 3.12+: forking with threads
+def test_a_forked_child_closes_its_parents_spare_fds_at_once(store_dir: Path) -> None:
+    """A spare's fd may become a run file's (and its ``flock``'s) in the parent: a forked
+    child closes its copies at the fork, not at its first run, so that no lock of the parent
+    can outlive the parent in a child."""
+    pool = SparePool(str(store_dir / "spare"), size=2)
+    _start(pool)
+    _wait_for(lambda: len(pool._ready) == 2, "the pool to fill")
+    fds = [fd for _, fd in pool._ready]
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            still_open = []
+            for fd in fds:
+                try:
+                    os.fstat(fd)
+                    still_open.append(fd)
+                except OSError:
+                    pass
+            os.write(write_end, repr(still_open).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    assert os.read(read_end, 200).decode() == "[]"
+    os.close(read_end)
+    assert all(os.fstat(fd) for fd in fds)  # the parent's stay open
+    pool.close()

@@ -1173,3 +1173,99 @@ def test_jsonl_other_processes_find_a_dispatching_run_busy(jsonl_env: Any) -> No
     assert other.take("c1", "sweeper", timedelta(seconds=30), jsonl_env.clock()) is True
     assert gate.calls == 1
     other.close()
+
+
+def test_a_second_drive_during_a_handler_lets_go_in_its_own_handler(jsonl_env: Any) -> None:
+    """A handler whose own thread resumes the run before it returns ``Parked`` (an async
+    executor): that second drive reaches a slow ``call`` while the first is still in its
+    handler, and a ``cancel`` from a third thread still lands at once."""
+    gate = Gate()
+    job = Workflow("job.async")
+
+    @job.node(start=True)
+    def submit(run: Any) -> Any:
+        return effect("job", None, into="r", then="work")
+
+    @job.node
+    def work(run: Any) -> Any:
+        return call("slow", None, into="s", then="fin")
+
+    @job.node
+    def fin(run: Any) -> Any:
+        return done(run.vars["s"])
+
+    holder: dict[str, Any] = {}
+
+    class AsyncJob:
+        def handle(self, eff: Any, run: Any, ctx: Any) -> Any:
+            key = run.wait.key
+            thread, _ = _in_thread(lambda: holder["rt"].resume(run.run_id, key, "done"))
+            holder["resumer"] = thread
+            assert gate.entered.wait(10)  # the resumed drive is in its call
+            return Parked()
+
+    rt = jsonl_env.open([job], {"slow": gate}, handlers={"job": AsyncJob()})
+    holder["rt"] = rt
+    starter, _ = _in_thread(lambda: rt.start(job, run_id="X"))
+    try:
+        assert gate.entered.wait(10)
+        canceller, cancel_out = _in_thread(lambda: rt.cancel("X", "operator"))
+        canceller.join(10)
+        assert not canceller.is_alive(), "cancel waited for the second drive's call"
+        assert cancel_out[0].status is Status.CANCELLED
+    finally:
+        gate.release.set()
+    starter.join(10)
+    holder["resumer"].join(10)
+    assert rt.get("X").status is Status.CANCELLED
+    assert gate.calls == 1
+    jsonl_env.check_ledger(rt, "X")
+
+
+def test_closing_the_store_during_a_call_is_a_store_error(jsonl_env: Any) -> None:
+    """``close()`` while another thread's drive is in a ``call``: that drive's next commit
+    raises ``StoreError`` (the store is closed), not an internal assertion."""
+    from wakepoint.stores import StoreError
+
+    gate = Gate()
+    rt = jsonl_env.open([caller], {"slow": gate})
+    slow, slow_out = _in_thread(lambda: rt.start(caller, {"fn": "slow"}, run_id="c1"))
+    assert gate.entered.wait(10)
+    rt.close()
+    gate.release.set()
+    slow.join(10)
+    assert isinstance(slow_out[0], StoreError), repr(slow_out[0])
+
+
+def test_recover_lists_the_parent_it_resumed(env: Any) -> None:
+    """A crash left a child created but never driven, its parent waiting on it: ``recover()``
+    drives the child and resumes the parent, and returns both."""
+    from wakepoint.effects.builtins import SubworkflowHandler
+
+    kid = Workflow("kid.quick")
+
+    @kid.node(start=True)
+    def quick(run: Any) -> Any:
+        return done(42)
+
+    par = Workflow("par.waits")
+
+    @par.node(start=True)
+    def spawn(run: Any) -> Any:
+        return subworkflow("kid.quick", None, into="out", then="end", mode="wait")
+
+    @par.node
+    def end(run: Any) -> Any:
+        return done(run.vars["out"])
+
+    class DiesAfterCreate(SubworkflowHandler):
+        def handle(self, eff: Any, run: Any, ctx: Any) -> Any:
+            out = super().handle(eff, run, ctx)
+            ctx._queue.clear()  # the process dies before it drives the child
+            return out
+
+    dead = env.open([kid, par], handlers={"subworkflow": DiesAfterCreate()})
+    dead.start(par, run_id="P")
+    rt = env.open([kid, par])
+    assert sorted(s.run_id for s in rt.recover()) == ["P", "P.2"]
+    assert rt.get("P").output == 42
