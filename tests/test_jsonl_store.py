@@ -565,13 +565,16 @@ def test_hold_takes_the_file_lock_once(
     """Inside hold(run_id) (re-entrant) a series of commits takes the run's file lock - an
     exclusive flock on the run file - once; outside it, each commit takes it itself."""
     store = open_jsonl()
+    Driver(store, signer, LOOP, "warm")  # starts the spare pool: r1's file is a spare's
+    assert store._spares is not None
+    assert _wait_for(lambda: len(store._spares._ready) > 0)  # type: ignore[union-attr]
     run = Driver(store, signer, LOOP, "r1")
     acquired: list[str] = []
     real = fcntl.flock
 
     def counting(fd: int, operation: int) -> None:
         if operation & fcntl.LOCK_EX:
-            acquired.append(os.readlink(f"/proc/self/fd/{fd}"))
+            acquired.append(_fd_path(fd))
         real(fd, operation)
 
     monkeypatch.setattr(fcntl, "flock", counting)
@@ -654,7 +657,7 @@ def test_threads_share_one_store(open_jsonl: Callable[..., JsonlStore], signer: 
     # The fd cache is bounded softly: entries in use when it overflows are kept, so up to
     # max_open plus one per thread may stay open, but never one per run (13 runs).
     store.flush()  # waits for the flusher, whose dup()ed fds would be counted too
-    fds = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+    fds = [_fd_path(int(fd)) for fd in os.listdir("/proc/self/fd")
            if os.path.exists(f"/proc/self/fd/{fd}")]
     assert sum(str(store.path / "runs") in link for link in fds) <= 2 + 4
 
@@ -664,9 +667,10 @@ def test_threads_share_one_store(open_jsonl: Callable[..., JsonlStore], signer: 
 
 def _fd_path(fd: int) -> str:
     """The path of the file ``fd`` is open on.  A run file made from a spare was opened under
-    the spare's name (``spare/...``, since removed): its run file is found by inode."""
+    the spare's name (``spare/...``, removed a little later): its run file is found by
+    inode."""
     path = os.readlink(f"/proc/self/fd/{fd}")
-    if "/spare/" in path:
+    if "/spare/" in path:  # a ready spare is in no run: its own path comes back
         inode = os.fstat(fd).st_ino
         with os.scandir(os.path.join(path.split("/spare/")[0], "runs")) as entries:
             for entry in entries:
