@@ -47,10 +47,12 @@ Choices, and why:
   instead of polling, and ``filelock`` keeps the store-wide locks in ``locks/``.  Do not mix
   this version with older ones on one store: they lock different files.  ``hold(run_id)`` takes
   the lock once for a whole series of commits by this process (the runtime drives each run
-  inside one), and a commit inside it takes no lock at all.  A hold on a run that does not
-  exist yet creates its file empty, to lock it (the runtime holds a new run before creating
-  it); an empty file is not a run (see below). Under the lock a commit checks its cached
-  ``(size, state)`` against one ``os.fstat`` and re-reads the last line only when another
+  inside one), and a commit inside it takes no lock at all; ``unheld(run_id)``, around an
+  effect's handler, lets the other threads of this process write the held run meanwhile (the
+  file lock stays, so other processes still wait).  A hold on a run that does not exist yet
+  creates its file empty, to lock it (the runtime holds a new run before creating it); an
+  empty file is not a run (see below). Under the lock a commit checks its cached ``(size,
+  state)`` against one ``os.fstat`` and re-reads the last line only when another
   process appended.  The size alone is a sound check because complete lines are never rewritten
   (see ``_Snap.still``); the same cache serves ``load`` and ``list``. ``claim`` does not wait
   for a run another worker is writing: it skips it, as ``FOR UPDATE SKIP LOCKED`` would.  Open
