@@ -45,8 +45,8 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -842,7 +842,8 @@ class Runtime:
         tick, clock, sign, store, running = (
             kernel.tick, self.clock, self._sign, self._store, Status.RUNNING)
         first = True
-        unheld = getattr(self.store, "unheld", None) or _not_held
+        # Stores without ``unheld`` keep nothing from other threads in ``hold`` (or all of it).
+        unheld = getattr(self.store, "unheld", None) or _no_unheld
         try:
             with self.store.hold(state.run_id):
                 while True:
@@ -900,7 +901,8 @@ class Runtime:
         assert wait is not None
         kind = effect_kind(effect)
         context = _Context(self, queue)
-        self._mark(state.run_id)  # recovery (another thread's) must not dispatch it again
+        # No mark of its own: every caller holds the run marked already (a drive, ``_advance``)
+        # or claimed (a recovery, ``_recover_one``), so no other recovery dispatches it again.
         try:
             outcome = self.handlers[kind].handle(effect, state, context)
         except (StoreError, ConflictError):
@@ -909,8 +911,6 @@ class Runtime:
             raise
         except Exception as exc:  # a handler bug or UnknownEffect: the effect failed
             outcome = Failed(type=type(exc).__qualname__, message=str(exc))
-        finally:
-            self._unmark(state.run_id)
         if isinstance(outcome, Parked):
             return None
         now = self.clock()
@@ -1013,10 +1013,8 @@ class Runtime:
         return state
 
 
-@contextmanager
-def _not_held(run_id: str) -> Iterator[None]:
-    """``unheld`` for stores without one (their ``hold`` keeps nothing from other threads)."""
-    yield
+def _no_unheld(run_id: str) -> AbstractContextManager[None]:
+    return nullcontext()
 
 
 class _Context:

@@ -159,10 +159,7 @@ class SparePool:
                 os.unlink(path)
 
     def _start(self) -> None:
-        if self._pid != -1:
-            # A forked child: the fds it inherited on its parent's spares are closed (the
-            # spares themselves stay the parent's).
-            self._drop_ready(unlink=False)
+        # In a forked child ``_after_fork`` has closed the inherited fds already.
         self._pid = os.getpid()
         self._ready = deque()
         self._linked = deque()

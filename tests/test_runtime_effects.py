@@ -835,6 +835,19 @@ def _in_thread(fn: Any) -> tuple[threading.Thread, list[Any]]:
     return thread, out
 
 
+def _cancel_during(rt: Any, run_id: str, gate: Gate, why: str) -> None:
+    """Once ``gate``'s call runs, cancel ``run_id`` from another thread: it must land before
+    the call ends (the gate is opened afterwards, either way)."""
+    try:
+        assert gate.entered.wait(10)
+        canceller, cancel_out = _in_thread(lambda: rt.cancel(run_id, "operator"))
+        canceller.join(10)
+        assert not canceller.is_alive(), why
+        assert cancel_out[0].status is Status.CANCELLED
+    finally:
+        gate.release.set()
+
+
 def test_slow_call_does_not_block_other_runs(env: Any) -> None:
     """While one thread's run waits on a slow ``call``, other threads start, answer and
     signal other runs of the same runtime (no runtime-wide lock is held across a drive)."""
@@ -868,14 +881,7 @@ def test_cancel_during_a_call_takes_effect_at_once(env: Any) -> None:
     gate = Gate()
     rt = env.open([caller], {"slow": gate})
     slow, slow_out = _in_thread(lambda: rt.start(caller, {"fn": "slow"}, run_id="c1"))
-    try:
-        assert gate.entered.wait(10)
-        canceller, cancel_out = _in_thread(lambda: rt.cancel("c1", "operator"))
-        canceller.join(10)
-        assert not canceller.is_alive(), "cancel waited for the running call"
-        assert cancel_out[0].status is Status.CANCELLED
-    finally:
-        gate.release.set()
+    _cancel_during(rt, "c1", gate, "cancel waited for the running call")
     slow.join(10)
     assert not slow.is_alive()
     assert slow_out[0].status is Status.CANCELLED
@@ -1207,14 +1213,7 @@ def test_a_second_drive_during_a_handler_lets_go_in_its_own_handler(jsonl_env: A
     rt = jsonl_env.open([job], {"slow": gate}, handlers={"job": AsyncJob()})
     holder["rt"] = rt
     starter, _ = _in_thread(lambda: rt.start(job, run_id="X"))
-    try:
-        assert gate.entered.wait(10)
-        canceller, cancel_out = _in_thread(lambda: rt.cancel("X", "operator"))
-        canceller.join(10)
-        assert not canceller.is_alive(), "cancel waited for the second drive's call"
-        assert cancel_out[0].status is Status.CANCELLED
-    finally:
-        gate.release.set()
+    _cancel_during(rt, "X", gate, "cancel waited for the second drive's call")
     starter.join(10)
     holder["resumer"].join(10)
     assert rt.get("X").status is Status.CANCELLED
