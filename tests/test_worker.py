@@ -255,6 +255,14 @@ def test_two_sweepers_dispatch_an_orphan_once(tmp_path: Path, workers: list[Work
     gate.set()
 
 
+def _daily_cron_a_minute_ago() -> str:
+    """A daily schedule whose latest tick was about a minute ago: it has a missed tick to
+    catch up (or skip), and its next tick is a day away, so no real tick can fall due while
+    a test runs (``*/5`` did once, at 15:50:00, and the skip test saw that tick's run)."""
+    ago = datetime.now(UTC) - timedelta(minutes=1)
+    return f"{ago.minute} {ago.hour} * * *"
+
+
 def test_cron_tick_fired_by_two_workers_starts_one_run(
     jsonl: str, workers: list[Worker]
 ) -> None:
@@ -263,8 +271,9 @@ def test_cron_tick_fired_by_two_workers_starts_one_run(
     wf = _call_wf("cronned")
     fn = {"work": lambda x: x}
     pair = [Worker(Runtime(jsonl, [wf], fn), poll=5) for _ in range(2)]
+    cron = _daily_cron_a_minute_ago()
     for w in pair:
-        w.schedule(wf, "*/5 * * * *", input=3)
+        w.schedule(wf, cron, input=3)
         _run(w, workers)
     now = datetime.now(UTC)
     tick = pair[0]._schedules[0].last_tick(now)
@@ -281,7 +290,7 @@ def test_cron_skip_policy_fires_no_missed_tick(jsonl: str, workers: list[Worker]
     """With ``missed="skip"`` a starting worker fires no tick from before it started."""
     wf = _call_wf("skipped")
     worker = Worker(Runtime(jsonl, [wf], {"work": lambda x: x}), poll=5)
-    worker.schedule(wf, "*/5 * * * *", missed="skip")
+    worker.schedule(wf, _daily_cron_a_minute_ago(), missed="skip")
     _run(worker, workers)
     time.sleep(0.3)
     assert worker.runtime.list() == []
