@@ -383,6 +383,13 @@ class Runtime:
         """The run's current state; ``RunNotFound`` if there is none."""
         return self.store.load(run_id)
 
+    def driving(self, run_id: str) -> bool:
+        """Whether a thread of this runtime is driving ``run_id`` right now (a drive, or an
+        effect it dispatched, is in progress).  A worker leaves such a run to that thread: it
+        is not stalled, and ``recover_run`` would leave it alone anyway."""
+        with self._active_lock:
+            return run_id in self._active
+
     def list(self, **filters: Any) -> builtins.list[RunState]:
         """Runs matching the store's ``list`` filters (status, workflow, wait_kind, ...)."""
         return self.store.list(**filters)

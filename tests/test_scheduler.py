@@ -12,8 +12,9 @@ from wakepoint.scheduler import Alarm, Schedule, run_id_for
 
 def test_alarm_rings_at_the_armed_time() -> None:
     """An armed alarm rings once, soon after the armed time (never before it).  Usually a
-    few milliseconds; the bound is loose (250 ms) because the suite shares two cores with
-    parallel tests - it still tells an alarm that rings at its time from one that polls.
+    few milliseconds; the bound is loose (1 s) because the suite shares two cores with
+    parallel tests and a stall of a few hundred ms must not fail it - it still tells an alarm
+    that rings at its time from one that only notices at a worker's poll (2 s by default).
     The lateness figure itself is bench_worker.py's, on a quiet machine."""
     rang: list[datetime] = []
     done = threading.Event()
@@ -23,8 +24,8 @@ def test_alarm_rings_at_the_armed_time() -> None:
         at = datetime.now(UTC) + timedelta(milliseconds=150)
         alarm.arm(at)
         assert alarm.armed_for == at
-        assert done.wait(2)
-        assert timedelta(0) <= rang[0] - at < timedelta(milliseconds=250)
+        assert done.wait(5)
+        assert timedelta(0) <= rang[0] - at < timedelta(seconds=1)
         time.sleep(0.1)
         assert len(rang) == 1
         assert alarm.armed_for is None

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from wakepoint import Runtime, RunView, Status, Workflow, call, done, wait_until
+from wakepoint import Runtime, RunView, Status, Workflow, call, done, goto, wait_until
 from wakepoint.scheduler import App, Worker, load_app
 from wakepoint.stores import MemoryStore
 
@@ -74,10 +74,10 @@ def _run(worker: Worker, workers: list[Worker]) -> Worker:
 
 
 def test_timers_fire_on_time_on_a_live_worker(workers: list[Worker]) -> None:
-    """Timers set by runs in the worker's own process wake within a loose 300 ms of their
-    due time, without waiting for the 30 s poll (on_due re-arms the alarm).  The bound only
-    separates the alarm from the poll: the suite shares two cores with parallel tests (150 ms
-    was exceeded once at load 5); the lateness figure itself (p99 <= 50 ms) is
+    """Timers set by runs in the worker's own process wake within 2 s of their due time,
+    long before the 30 s poll (on_due re-arms the alarm).  The bound only separates the alarm
+    from the poll, with room for a loaded CI machine (the suite shares two cores with parallel
+    tests; 150 ms was exceeded once at load 5); the lateness figure itself (p99 <= 50 ms) is
     bench_worker.py's, on a quiet machine."""
     rt = Runtime("memory:", [timer_wf])
     _run(Worker(rt, concurrency=2, poll=30), workers)
@@ -88,7 +88,7 @@ def test_timers_fire_on_time_on_a_live_worker(workers: list[Worker]) -> None:
     for state in rt.list(status=Status.COMPLETED):
         due = state.created_at + timedelta(seconds=0.2 + int(state.run_id[1:]) * 0.01)
         late = datetime.fromisoformat(state.output) - due
-        assert timedelta(0) <= late < timedelta(milliseconds=300), (state.run_id, late)
+        assert timedelta(0) <= late < timedelta(seconds=2), (state.run_id, late)
 
 
 def test_timers_created_by_another_process_are_caught_by_the_poll(
@@ -205,21 +205,100 @@ def test_a_call_longer_than_orphan_after_on_a_live_worker_is_not_dispatched_agai
 
     def slow(x: int, idempotency_key: str) -> int:
         calls.append(idempotency_key)
-        time.sleep(1.2)
+        time.sleep(2.0)  # two leases
         return x
 
     url = f"sqlite:///{tmp_path / 'wp.db'}"
     client = _sqlite_runtime(tmp_path, wf)
     first = _run(Worker(Runtime(url, [wf], {"work": slow}, home=tmp_path / "home"),
-                        poll=0.05, lease=0.6, orphan_after=0.3), workers)
+                        poll=0.05, lease=1.0, orphan_after=0.3), workers)
     _create_running(client, wf, "lc", 3)
     first.wake()
     _wait_for(lambda: len(calls) == 1)
     second = _run(Worker(Runtime(url, [wf], {"work": slow}, home=tmp_path / "home"),
-                         poll=0.05, lease=0.6, orphan_after=0.3), workers)
+                         poll=0.05, lease=1.0, orphan_after=0.3), workers)
     _wait_for(lambda: client.get("lc").status is Status.COMPLETED, timeout=10)
     assert calls == [calls[0]]
     assert second.stats["orphan"] == 0
+
+
+def test_an_effect_resolved_between_the_sweeps_listing_and_its_take_is_no_orphan(
+    tmp_path: Path, workers: list[Worker]
+) -> None:
+    """SQLite: the sweep lists a call older than ``orphan_after``, and before it takes the
+    run's lease the call's live dispatcher (a client holding no lease) commits the outcome
+    and finishes the run.  The take still succeeds (a SQL take does whatever the run's
+    state), so the sweep reads the run again: it moved since the listing, so the lease goes
+    back and nothing is counted or logged as an orphan; the call ran once."""
+    wf = _call_wf("resolved-meanwhile")
+    keys: list[str] = []
+    gate = threading.Event()
+
+    def slow(x: int, idempotency_key: str) -> int:
+        keys.append(idempotency_key)
+        gate.wait(10)
+        return x
+
+    client = _sqlite_runtime(tmp_path, wf)
+    client.register_function("work", slow)
+    dispatcher = threading.Thread(target=client.start, args=(wf, 1), kwargs={"run_id": "m1"},
+                                  daemon=True)
+    dispatcher.start()
+    _wait_for(lambda: len(keys) == 1)
+    rt = Runtime(f"sqlite:///{tmp_path / 'wp.db'}", [wf], {"work": slow},
+                 home=tmp_path / "home")
+    real_take = rt.store.take
+    took: list[bool] = []
+
+    def take(run_id: str, worker: str, lease: timedelta, now: datetime) -> bool:
+        gate.set()  # the dispatcher returns, commits the outcome and finishes the run
+        dispatcher.join(10)
+        taken: bool = real_take(run_id, worker, lease, now)
+        took.append(taken)
+        return taken
+
+    rt.store.take = take  # type: ignore[method-assign]
+    worker = _run(Worker(rt, poll=0.05, orphan_after=0.2), workers)
+    _wait_for(lambda: bool(took))
+    time.sleep(0.3)
+    assert took[0] is True
+    assert client.get("m1").status is Status.COMPLETED
+    assert keys == [keys[0]]
+    assert worker.stats["orphan"] == 0
+    assert worker.stop(timeout=10)
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_a_run_a_client_thread_drives_is_left_to_it_without_spinning(
+    kind: str, tmp_path: Path, workers: list[Worker]
+) -> None:
+    """A RUNNING run that a client thread of the worker's own process is driving (a node of
+    1.5 s) is claimable - it holds no lease - but not stalled.  The worker leaves it to that
+    thread: it neither drives it nor claims it again at once, and looks again after a pause
+    that doubles.  Before, each claim went to a pool thread whose ``recover_run`` returned at
+    once, and the loop claimed the run again: 7,500 claims/s for as long as the node ran."""
+    wf = Workflow(f"busy-{kind}")
+    ran: list[int] = []
+
+    @wf.node(start=True)
+    def first(run: RunView) -> Any:
+        return goto("slow")
+
+    @wf.node
+    def slow(run: RunView) -> Any:
+        ran.append(1)
+        time.sleep(1.5)
+        return done(1)
+
+    rt = _sqlite_runtime(tmp_path, wf) if kind == "sqlite" else Runtime("memory:", [wf])
+    worker = _run(Worker(rt, concurrency=1, poll=0.2), workers)
+    client = threading.Thread(target=rt.start, args=(wf, None), kwargs={"run_id": "b"})
+    client.start()
+    client.join(10)
+    assert rt.get("b").status is Status.COMPLETED
+    assert ran == [1]
+    assert worker.stats["claim"] == 0 and worker.stats["resume"] == 0
+    assert 1 <= worker.stats["busy"] <= 20, worker.stats
 
 
 def test_two_sweepers_dispatch_an_orphan_once(tmp_path: Path, workers: list[Worker]) -> None:
@@ -365,8 +444,10 @@ def test_a_live_worker_renews_the_lease_of_a_long_drive(
     tmp_path: Path, workers: list[Worker]
 ) -> None:
     """A node that runs for three leases keeps its run: the worker renews the lease while it
-    drives, so another claimer polling all along never gets the run, and no lease is lost."""
-    rt, worker = _long_drive(tmp_path, workers, "long-node", 0.5, lambda: time.sleep(1.5))
+    drives, so another claimer polling all along never gets the run, and no lease is lost.
+    The lease is 1 s (renewed every 1/3 s), so only a renewal more than 2/3 s late - not a
+    mere stall of a loaded machine - would let the thief in."""
+    rt, worker = _long_drive(tmp_path, workers, "long-node", 1.0, lambda: time.sleep(3.0))
     stolen = _steal(rt, lambda: rt.get("long").status is not Status.RUNNING)
     assert stolen == []
     assert rt.get("long").status is Status.COMPLETED
@@ -709,9 +790,9 @@ def test_a_stopping_worker_keeps_renewing_the_lease_of_the_drive_it_finishes(
     to end, it still renews the run's lease, so another claimer polling all along gets
     nothing; then the drive completes and the worker stops."""
     gate = threading.Event()
-    rt, worker = _long_drive(tmp_path, workers, "stop-long", 0.6, lambda: gate.wait(10))
+    rt, worker = _long_drive(tmp_path, workers, "stop-long", 1.0, lambda: gate.wait(15))
     assert not worker.stop(wait=False)
-    end = time.monotonic() + 2.0  # more than three leases
+    end = time.monotonic() + 3.2  # more than three leases (1 s: room for a late renewal)
     stolen = _steal(rt, lambda: time.monotonic() >= end)
     gate.set()
     assert worker.stop(timeout=10)
@@ -747,10 +828,10 @@ def test_an_orphan_taken_by_a_worker_that_claimed_nothing_keeps_its_lease(
     _wait_for(lambda: len(keys) == 1)
     url = f"sqlite:///{tmp_path / 'wp.db'}"
     worker = _run(Worker(Runtime(url, [wf], {"work": work}, home=tmp_path / "home"),
-                         poll=0.05, lease=0.6, orphan_after=0.2), workers)
+                         poll=0.05, lease=1.0, orphan_after=0.2), workers)
     _wait_for(lambda: len(keys) == 2)
     taken = []
-    end = time.monotonic() + 2.0  # more than three leases
+    end = time.monotonic() + 3.2  # more than three leases (1 s: room for a late renewal)
     while time.monotonic() < end:
         taken.append(dead.store.take("o3", "thief", timedelta(seconds=5), datetime.now(UTC)))
         time.sleep(0.05)
