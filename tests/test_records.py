@@ -10,7 +10,7 @@ import json
 from datetime import UTC, datetime, timedelta
 
 import msgspec
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from wakepoint.ledger.records import Body, encode_body, parse_body
 
@@ -28,6 +28,7 @@ def test_body_fields_are_declared_in_sorted_order() -> None:
     node=_optional, payload=_optional, prev=_text, run_id=_text,
     seq=st.integers(0, 2**62), state=_optional, seconds=st.integers(0, 10**9),
 )
+@settings(deadline=None)  # a stalled machine must not fail an example on time alone
 def test_encode_body_is_the_sorted_key_form(
     effect: str | None, key: str | None, key_id: str, kind: str, log_id: str,
     next: str | None, node: str | None, payload: str | None, prev: str, run_id: str,

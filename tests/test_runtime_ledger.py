@@ -178,11 +178,16 @@ def test_next_writer_repairs_its_runs_index_without_recover(tmp_path: Path) -> N
     assert report.ok, report.error
 
 
-def test_checkpoint_if_due_covers_an_idle_processs_last_records(tmp_path: Path) -> None:
+def test_checkpoint_if_due_covers_an_idle_processs_last_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Records committed right after a checkpoint wait for the next due point; an idle
     process covers them with checkpoint_if_due once the minimum interval has passed (and
-    not before, and not when nothing is pending)."""
+    not before, and not when nothing is pending).  The interval is raised to 10 min here
+    (the test moves the clock by hand), so a stall of the machine cannot pass it."""
     from wakepoint import runtime as runtime_module
+
+    monkeypatch.setattr(runtime_module, "_CHECKPOINT_MIN_INTERVAL", 600.0)
 
     rt = Runtime(f"jsonl:{tmp_path}", [linear], checkpoint_seconds=3600)
     rt.start(linear, run_id="a")  # the first run's end checkpoints at once

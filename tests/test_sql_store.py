@@ -443,9 +443,16 @@ def test_sqlite_durability_pragmas(sqlite_url: str, durability: str, synchronous
         store.close()
 
 
-def test_sqlite_checkpoints_in_the_background(sqlite_url: str) -> None:
+def test_sqlite_checkpoints_in_the_background(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Commits never checkpoint themselves; the store's checkpointer thread copies the WAL
-    into the database file within about a second, while the store stays open."""
+    into the database file within a few seconds, while the store stays open.  Its period is
+    raised from 0.5 s to 3 s here, so that a stalled machine cannot checkpoint before the
+    100 commits and the size check below are done."""
+    from wakepoint.stores import sql_engine
+
+    monkeypatch.setattr(sql_engine, "CHECKPOINT_SECONDS", 3.0)
     store = SqlStore(sqlite_url, upgrade=True)
     db = Path(sqlite_url.removeprefix("sqlite:///"))
     try:
@@ -1033,7 +1040,14 @@ def test_postgresql_close_waits_for_a_statement_another_thread_runs(pg_url: str)
 
         releaser = threading.Thread(target=release)
         releaser.start()
-        time.sleep(0.3)
+        # Until the release waits for the row lock inside libpq (a fixed sleep was a guess).
+        waiting = ("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                   "AND wait_event_type = 'Lock'")
+        with psycopg.connect(dsn, autocommit=True) as probe:
+            end = time.monotonic() + 10
+            while not probe.execute(waiting).fetchone()[0]:  # type: ignore[index]
+                assert time.monotonic() < end, "the release never waited for the row lock"
+                time.sleep(0.02)
         closer = threading.Thread(target=store.close)
         closer.start()
         closer.join(0.5)

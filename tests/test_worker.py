@@ -160,8 +160,8 @@ def test_an_orphaned_call_is_dispatched_again_only_once_stale(workers: list[Work
         return x * 10
 
     rt = Runtime(store, [wf], {"work": work}, signer=dead.signer)
-    worker = _run(Worker(rt, poll=0.1, orphan_after=0.6), workers)
-    time.sleep(0.2)
+    worker = _run(Worker(rt, poll=0.1, orphan_after=2.0), workers)
+    time.sleep(0.3)  # well inside orphan_after (2 s), on a stalled machine too
     assert len(keys) == 1, "a request younger than orphan_after is not re-dispatched"
     _wait_for(lambda: rt.get("o1").status is Status.COMPLETED, timeout=5)
     assert rt.get("o1").output == 10
@@ -557,19 +557,31 @@ def test_sigterm_stops_a_worker_process_cleanly(tmp_path: Path) -> None:
                              env=env, cwd=tmp_path)
     assert child.stdout is not None
     assert child.stdout.readline().strip() == "ready"
-    time.sleep(0.5)
+    # The worker logs worker.started once its SIGTERM handler is in place; a signal sent
+    # before would end the process by the default action.
+    lines = []
+    for line in child.stdout:
+        lines.append(line)
+        if "worker.started" in line:
+            break
     child.send_signal(signal.SIGTERM)
     out, _ = child.communicate(timeout=10)
+    out = "".join(lines) + out
     assert child.returncode == 0
     assert "worker.stopping" in out and "worker.stopped" in out
 
 
 def test_an_idle_worker_covers_the_last_records_with_a_checkpoint(
-    workers: list[Worker],
+    workers: list[Worker], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Records committed right after a checkpoint (within the runtime's minimum interval)
     are covered by one the worker writes before it sleeps, without a further commit or
-    close(): the store's last checkpoint grows to every record within a few polls."""
+    close(): the store's last checkpoint grows to every record within a few polls.  The
+    interval is 2 s here, not 0.5 s, so that a stalled machine still starts the second run
+    within it."""
+    from wakepoint import runtime as runtime_module
+
+    monkeypatch.setattr(runtime_module, "_CHECKPOINT_MIN_INTERVAL", 2.0)
     store = MemoryStore()
     rt = Runtime(store, [timer_wf], checkpoint_seconds=3600)
     rt.start(timer_wf, 0.0, run_id="first")  # its end writes the first checkpoint at once
@@ -582,7 +594,7 @@ def test_an_idle_worker_covers_the_last_records_with_a_checkpoint(
 
     assert covered() == len(rt.ledger("first"))
     _run(Worker(rt, concurrency=1, poll=0.1), workers)
-    _wait_for(lambda: covered() == total, timeout=5)
+    _wait_for(lambda: covered() == total, timeout=10)
 
 
 hops_wf = Workflow("hops")

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -55,6 +55,13 @@ def pg_url(pg_server: Any) -> Iterator[str]:
     pg_server.drop_database(name)
 
 
+
+def _now() -> datetime:
+    """The harness's clock for deadlines the NOTIFY trigger must announce: it announces only
+    deadlines after the server's clock, so the harness's default (2030-01-01) would stop
+    working on that date."""
+    return datetime.now(UTC).replace(microsecond=0)
+
 def test_watch_due_hears_another_connections_deadline(pg_url: str) -> None:
     """A deadline committed through one store object reaches the watcher of another; a
     rolled-back one does not."""
@@ -63,7 +70,7 @@ def test_watch_due_hears_another_connections_deadline(pg_url: str) -> None:
     try:
         stop = watcher.watch_due(heard.put)
         assert stop is not None
-        h = Harness(writer)
+        h = Harness(writer, now=_now())
         with pytest.raises(RuntimeError), writer._transaction() as cursor:
             cursor.execute("UPDATE wp_runs SET due = 1")  # no rows yet: nothing fires anyway
             raise RuntimeError("roll back")
@@ -109,7 +116,7 @@ def test_watch_due_reconnects_after_losing_its_connection(pg_url: str) -> None:
                     break
             assert time.monotonic() < end, "the watcher did not reconnect"
             time.sleep(0.05)
-        h = Harness(writer)
+        h = Harness(writer, now=_now())
         h.start(TIMER, "t2", 5)
         h.drive("t2")
         state = h.runs["t2"].state
