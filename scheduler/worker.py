@@ -723,17 +723,49 @@ class Worker:
 
     @contextlib.contextmanager
     def _signals(self, install: bool) -> Iterator[None]:
+        """SIGTERM and SIGINT stop the worker while it runs (main thread only).
+
+        The Python-level handler does nothing: it runs on the main thread between two
+        bytecodes, and the main thread runs the loop, which logs - a handler that logged
+        (or set an Event) could need a lock the interrupted code holds, and wait for it
+        forever (structlog's print lock did: a SIGTERM right after a log line hung the
+        process).  The signal number reaches a watcher thread instead, through the
+        interpreter's wakeup fd (written by the C-level handler, which takes no lock); that
+        thread logs ``worker.stopping`` and calls ``stop``.  The process's previous wakeup fd
+        is restored on exit."""
         if not install or threading.current_thread() is not threading.main_thread():
             yield
             return
-
-        def handler(signum: int, _frame: object) -> None:
-            self._log.info("worker.stopping", signal=signal.Signals(signum).name)
-            self.stop(wait=False)
-
-        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+        reader, writer = socket.socketpair()
+        writer.setblocking(False)  # the interpreter requires it of a wakeup fd
+        watcher = threading.Thread(target=self._watch_signals, args=(reader,),
+                                   name="wakepoint-signals", daemon=True)
+        watcher.start()
+        previous_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+        previous = {sig: signal.signal(sig, _noted) for sig in _STOP_SIGNALS}
         try:
             yield
         finally:
             for sig, old in previous.items():
                 signal.signal(sig, old)
+            signal.set_wakeup_fd(previous_fd)
+            writer.close()  # the watcher reads EOF and ends
+            watcher.join(5)
+            reader.close()
+
+    def _watch_signals(self, reader: socket.socket) -> None:
+        """The watcher thread of ``_signals``: one byte per signal received, EOF at the end."""
+        while data := reader.recv(64):
+            for signum in data:
+                if signum in _STOP_SIGNALS:
+                    self._log.info("worker.stopping", signal=signal.Signals(signum).name)
+                    self.stop(wait=False)
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _noted(signum: int, frame: object) -> None:
+    """The Python-level handler of SIGTERM/SIGINT while a worker runs: the work is done by
+    the worker's watcher thread (see ``Worker._signals``); this only replaces the default
+    action (ending the process, or KeyboardInterrupt)."""

@@ -555,21 +555,68 @@ def test_sigterm_stops_a_worker_process_cleanly(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
                              env=env, cwd=tmp_path)
-    assert child.stdout is not None
-    assert child.stdout.readline().strip() == "ready"
-    # The worker logs worker.started once its SIGTERM handler is in place; a signal sent
-    # before would end the process by the default action.
-    lines = []
-    for line in child.stdout:
-        lines.append(line)
-        if "worker.started" in line:
-            break
-    child.send_signal(signal.SIGTERM)
-    out, _ = child.communicate(timeout=10)
-    out = "".join(lines) + out
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "ready"
+        # The worker logs worker.started once its SIGTERM handler is in place; a signal sent
+        # before would end the process by the default action.
+        lines = []
+        for line in child.stdout:
+            lines.append(line)
+            if "worker.started" in line:
+                break
+        child.send_signal(signal.SIGTERM)
+        out, _ = child.communicate(timeout=10)
+        out = "".join(lines) + out
+    finally:  # a failure must not leave the child to a later test's garbage collection
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
     assert child.returncode == 0
     assert "worker.stopping" in out and "worker.stopped" in out
 
+
+LOCKED_LOGGER_MAIN = """
+import os, signal, sys, threading
+import structlog
+from wakepoint.scheduler import main_worker
+
+lock = threading.Lock()
+
+
+class Locked:
+    # Like structlog's PrintLogger: one lock per file, held while the line is written.
+    def msg(self, message):
+        with lock:
+            print(message, flush=True)
+            if "worker.started" in message:
+                os.kill(os.getpid(), signal.SIGTERM)  # delivered while the lock is held
+                for _ in range(10000):
+                    pass  # the Python-level handler runs between these bytecodes
+
+    def __getattr__(self, name):
+        return self.msg
+
+
+structlog.configure(logger_factory=lambda *args: Locked())
+sys.exit(main_worker(sys.argv[1], "procapp:wf", 2))
+"""
+
+
+def test_sigterm_while_the_main_thread_logs_stops_the_worker(tmp_path: Path) -> None:
+    """A SIGTERM that arrives while the worker's main thread holds its logger's lock (here:
+    right after the ``worker.started`` line, inside the lock, as structlog's PrintLogger
+    holds it) still stops the worker: the signal is handled on a thread of its own.  The
+    handler used to log on the main thread, waited for the lock it interrupted, and hung
+    the process (seen once in CI when the SIGTERM test signalled right after that line)."""
+    (tmp_path / "procapp.py").write_text(APP_SOURCE)
+    (tmp_path / "locked_main.py").write_text(LOCKED_LOGGER_MAIN)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    child = subprocess.run([sys.executable, "locked_main.py", f"jsonl:{tmp_path / 'store'}"],
+                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=20,
+                           check=False)  # hung before the fix: TimeoutExpired
+    assert child.returncode == 0, child.stderr
+    assert "worker.stopping" in child.stdout and "worker.stopped" in child.stdout
 
 def test_an_idle_worker_covers_the_last_records_with_a_checkpoint(
     workers: list[Worker], monkeypatch: pytest.MonkeyPatch
