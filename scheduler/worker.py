@@ -369,17 +369,19 @@ class Worker:
             with self._lock:
                 if state.run_id in self._inflight:
                     continue  # our own run, still being driven: the claim renewed its lease
-            if self.runtime.driving(state.run_id):
-                # A client thread of this process (a start, a respond) is driving it: not
-                # stalled, so left to that thread.  Handed to the pool, ``recover_run`` would
-                # return at once, the released run be claimed again at once, and the loop
-                # spin for as long as that drive lasts (7,500 claims/s, measured).
+                # Else a thread of this runtime driving it is a client's (a start, a
+                # respond): not stalled, so left to that thread.  Handed to the pool,
+                # ``recover_run`` would return at once, the released run be claimed again at
+                # once, and the loop spin for as long as that drive lasts (7,500 claims/s,
+                # measured).
+                driven = self.runtime.driving(state.run_id)
+                if not driven:
+                    self._hold(state.run_id, now)
+            if driven:
                 self._release(state.run_id)
                 self._count("busy")
                 busy = True
                 continue
-            with self._lock:
-                self._hold(state.run_id, now)
             fresh += 1
             self._count("claim")
             self._log.debug("claim", run_id=state.run_id, workflow=state.workflow,

@@ -122,6 +122,18 @@ def test_a_worker_started_late_resumes_every_overdue_run(
     assert time.monotonic() - began < 2
 
 
+def _keyed(keys: list[str], gate: threading.Event, times: int = 1) -> Callable[..., int]:
+    """A ``work`` function that records its idempotency key, waits for ``gate`` (10 s at
+    most) and returns its input ``times`` over."""
+
+    def work(x: int, idempotency_key: str) -> int:
+        keys.append(idempotency_key)
+        gate.wait(10)
+        return x * times
+
+    return work
+
+
 def _call_wf(name: str) -> Workflow:
     wf = Workflow(name)
 
@@ -234,11 +246,7 @@ def test_an_effect_resolved_between_the_sweeps_listing_and_its_take_is_no_orphan
     keys: list[str] = []
     gate = threading.Event()
 
-    def slow(x: int, idempotency_key: str) -> int:
-        keys.append(idempotency_key)
-        gate.wait(10)
-        return x
-
+    slow = _keyed(keys, gate)
     client = _sqlite_runtime(tmp_path, wf)
     client.register_function("work", slow)
     dispatcher = threading.Thread(target=client.start, args=(wf, 1), kwargs={"run_id": "m1"},
@@ -870,15 +878,7 @@ def test_an_orphan_taken_by_a_worker_that_claimed_nothing_keeps_its_lease(
     keys: list[str] = []
     dead_gate, gate = threading.Event(), threading.Event()
 
-    def hang(x: int, idempotency_key: str) -> int:
-        keys.append(idempotency_key)
-        dead_gate.wait(10)
-        return x
-
-    def work(x: int, idempotency_key: str) -> int:
-        keys.append(idempotency_key)
-        gate.wait(10)
-        return x * 10
+    hang, work = _keyed(keys, dead_gate), _keyed(keys, gate, 10)
 
     dead = _sqlite_runtime(tmp_path, wf)
     dead.register_function("work", hang)
@@ -920,10 +920,7 @@ def test_a_stopping_worker_gives_back_at_once_the_lease_of_a_drive_it_never_bega
         gate.wait(10)
         return done(1)
 
-    def hang(x: int, idempotency_key: str) -> int:
-        keys.append(idempotency_key)
-        dead_gate.wait(10)
-        return x
+    hang = _keyed(keys, dead_gate)
 
     def work(x: int, idempotency_key: str) -> int:
         keys.append(idempotency_key)
@@ -964,10 +961,7 @@ def test_a_failed_sweep_is_reported_and_tried_again_at_the_next_round(
     keys: list[str] = []
     dead_gate = threading.Event()
 
-    def hang(x: int, idempotency_key: str) -> int:
-        keys.append(idempotency_key)
-        dead_gate.wait(10)
-        return x
+    hang = _keyed(keys, dead_gate)
 
     # The dead dispatcher's clock is two hours behind: its request is older than the hour
     # of orphan_after from the start.
